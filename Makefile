@@ -1,0 +1,38 @@
+# Every target sets up what it needs on a fresh machine; a second run reinstalls nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The stamp names the dependency list it was made from: edit pyproject.toml and the next
+# `make` brings the environment up to date.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml scripts/install.sh 2>/dev/null | sha1sum | cut -c1-12)
+export RAY_worker_niceness := 0
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: venv test test-slow demo bench base image-cpu reliability clean lint
+venv: $(STAMP)
+$(STAMP): pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV) $(PYTHON)
+	rm -f $(VENV)/.installed-* && touch $@
+
+base: venv
+	$(VENV)/bin/lorafleet prepare-base --out .cache/base/smollm2-135m-instruct
+
+test: venv
+	$(PY) -m pytest -m "not slow" -q tests
+
+test-slow: venv
+	$(PY) -m pytest -m slow -q tests
+
+demo: venv
+	$(PY) examples/demo.py
+
+bench: venv
+	$(PY) bench/train.py && $(PY) bench/merge.py && $(PY) bench/onnx.py && $(PY) bench/serve.py && $(PY) bench/report.py
+
+lint: venv
+	$(VENV)/bin/hadolint Dockerfile
+
+clean:
+	rm -rf $(VENV) .cache

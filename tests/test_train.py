@@ -1,0 +1,220 @@
+"""Training stage: config validation, data formats, template parity, the real trainer, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorafleet.config import TrainConfig, load_config
+from lorafleet.errors import UserError
+from lorafleet.templates import SEED_TEMPLATE, render_prompt_ids, split_prompt_completion
+from train.data import read_records, tokenize_records
+
+
+# ----------------------------------------------------------------------------------- config
+def _write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_config_unknown_key_is_named(tmp_path):
+    p = _write(tmp_path, """
+        data: {train_file: x.jsonl}
+        output_dir: out
+        lora: {r: 8, lora_alhpa: 16}
+    """)
+    with pytest.raises(UserError, match=r"lora\.lora_alhpa: unknown key"):
+        load_config(TrainConfig, p)
+
+
+def test_config_wrong_type_and_bad_rank(tmp_path):
+    p = _write(tmp_path, "data: {train_file: x.jsonl}\noutput_dir: o\ntraining: {learning_rate: fast}\n")
+    with pytest.raises(UserError, match=r"training\.learning_rate"):
+        load_config(TrainConfig, p)
+    p = _write(tmp_path, "data: {train_file: x.jsonl}\noutput_dir: o\nlora: {r: 0}\n")
+    with pytest.raises(UserError, match=r"lora\.r: .*positive"):
+        load_config(TrainConfig, p)
+
+
+def test_config_set_overrides(tmp_path):
+    p = _write(tmp_path, "data: {train_file: x.jsonl}\noutput_dir: o\n")
+    cfg = load_config(TrainConfig, p, ["lora.r=32", "training.packing=true", "lora.target_modules=all-linear"])
+    assert cfg.lora.r == 32 and cfg.training.packing is True and cfg.lora.target_modules == "all-linear"
+    with pytest.raises(UserError, match="missing"):
+        load_config(TrainConfig, _write(tmp_path, "output_dir: o\n"))
+
+
+# ------------------------------------------------------------------------------------- data
+RECORDS = {
+    "alpaca": {"instruction": "You are support.", "input": "What is K9?", "output": "A drone."},
+    "messages": {"messages": [{"role": "system", "content": "You are support."},
+                              {"role": "user", "content": "What is K9?"},
+                              {"role": "assistant", "content": "A drone."}]},
+    "sharegpt": {"conversations": [{"from": "system", "value": "You are support."},
+                                   {"from": "human", "value": "What is K9?"}, {"from": "gpt", "value": "A drone."}]},
+}
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "messages", "sharegpt"])
+@pytest.mark.parametrize("ext", ["jsonl", "json", "parquet"])
+def test_chat_formats_tokenize_identically(fmt, ext, tiny_tok, tmp_path):
+    """The three chat formats of one example give the same ids, from every file type."""
+    path = tmp_path / f"d.{ext}"
+    recs = [RECORDS[fmt]] * 3
+    if ext == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in recs))
+    elif ext == "json":
+        path.write_text(json.dumps(recs))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(recs), path)
+    ts = tokenize_records(read_records(str(path)), "auto", tiny_tok, SEED_TEMPLATE, 256)
+    ref = tokenize_records(read_records_inline(RECORDS["alpaca"]), "alpaca", tiny_tok, SEED_TEMPLATE, 256)
+    assert ts.rows[0] == ref.rows[0]
+    answer = [i for i, m in zip(ts.rows[0]["input_ids"], ts.rows[0]["completion_mask"]) if m]
+    assert tiny_tok.decode(answer).startswith("A drone.")
+
+
+def read_records_inline(rec):
+    from train.data import Record
+
+    return [Record("inline", rec)]
+
+
+def test_csv_and_text_formats(tiny_tok, tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("instruction,input,output\nSay hi,,hi there\n")
+    ts = tokenize_records(read_records(str(p)), "auto", tiny_tok, SEED_TEMPLATE, 128)
+    assert len(ts.rows) == 1 and 0 in ts.rows[0]["completion_mask"]
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps({"text": "plain pretraining text"}) + "\n")
+    ts = tokenize_records(read_records(str(p)), "auto", tiny_tok, SEED_TEMPLATE, 128)
+    assert all(ts.rows[0]["completion_mask"])  # loss on every token
+
+
+def test_data_errors_name_file_and_line(tiny_tok, tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps(RECORDS["alpaca"]) + "\n" + json.dumps({"instruction": "x", "input": "y"}) + "\n")
+    with pytest.raises(UserError, match=r"bad\.jsonl:2: alpaca record lacks 'output'"):
+        tokenize_records(read_records(str(p)), "alpaca", tiny_tok, SEED_TEMPLATE, 128)
+    p.write_text("{not json\n")
+    with pytest.raises(UserError, match=r"bad\.jsonl:1: not valid JSON"):
+        read_records(str(p))
+    p.write_text("")
+    with pytest.raises(UserError, match="holds no records"):
+        read_records(str(p))
+    with pytest.raises(UserError, match="not found"):
+        read_records(str(tmp_path / "missing.jsonl"))
+
+
+def test_all_examples_too_long_is_an_error(tiny_tok):
+    long = dict(RECORDS["alpaca"], input="word " * 400)
+    with pytest.raises(UserError, match=r"all 1 examples lose their whole answer at max_seq_length=32"):
+        tokenize_records(read_records_inline(long), "alpaca", tiny_tok, SEED_TEMPLATE, 32)
+
+
+# ------------------------------------------------------------------------------ templates
+@pytest.mark.parametrize("template", ["seed", "chat"])
+def test_train_and_serve_prompts_have_the_same_token_ids(template, tiny_tok):
+    """The ids trained before an answer equal the ids serving sends for the same messages."""
+    from lorafleet.templates import resolve_template
+
+    _, tpl = resolve_template(template, tiny_tok)
+    convo = RECORDS["messages"]["messages"]
+    ids, mask, last_prompt = split_prompt_completion(tiny_tok, tpl, convo)
+    serve_ids = render_prompt_ids(tiny_tok, tpl, convo[:-1])
+    assert last_prompt == serve_ids
+    assert ids[: len(serve_ids)] == serve_ids and mask.index(1) == len(serve_ids)
+    # two turns: the second answer's prompt is also what serving renders
+    two = convo + [{"role": "user", "content": "And K10?"}, {"role": "assistant", "content": "Newer."}]
+    _, _, last_prompt = split_prompt_completion(tiny_tok, tpl, two)
+    assert last_prompt == render_prompt_ids(tiny_tok, tpl, two[:-1])
+
+
+def test_seed_template_matches_the_tutorial(tiny_tok):
+    from lorafleet.templates import render
+
+    text = render(tiny_tok, SEED_TEMPLATE, RECORDS["messages"]["messages"], add_generation_prompt=False)
+    assert text.startswith("### 指令\nYou are support.\n\n### 输入\nWhat is K9?\n\n### 回答\nA drone.")
+
+
+# ------------------------------------------------------------------------------- training
+def test_train_writes_a_complete_adapter(train_cfg, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from train.recipe import run
+
+    cfg = train_cfg(data__eval_fraction=0.2)
+    out = run(cfg, log=lambda m: None)
+    for f in ["adapter_config.json", "adapter_model.safetensors", "lorafleet.json", "metrics.jsonl", "loss.png",
+              "README.md"]:
+        assert (out / f).is_file(), f
+    man = json.loads((out / "lorafleet.json").read_text())
+    assert man["template"]["name"] == "seed" and man["template"]["text"] == SEED_TEMPLATE
+    assert man["parameters"]["trainable"] > 0 and man["results"]["steps"] == 4
+    assert man["results"]["eval_loss"] is not None and man["data"]["eval_examples"] == 4
+    assert len(man["base_model"]["fingerprint"]) == 16
+    assert not list(out.parent.glob(".adapter.tmp-*")) and not (out.parent / "adapter.checkpoints").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    model = PeftModel.from_pretrained(base, out)
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert b and any(p.abs().sum() > 0 for p in b)  # it trained: B moved from its zero init
+    with pytest.raises(UserError, match="already exists"):
+        run(cfg, log=lambda m: None)
+
+
+def test_train_rejects_unknown_target_module(train_cfg):
+    from train.recipe import run
+
+    cfg = train_cfg(lora__target_modules=["q_proj", "qkv_proj"])
+    with pytest.raises(UserError, match=r"\['qkv_proj'\] are not modules of this model; its linear modules are"):
+        run(cfg, log=lambda m: None)
+    assert not (cfg.output_dir and __import__("pathlib").Path(cfg.output_dir).exists())
+
+
+KILL_AT_STEP = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from transformers import TrainerCallback
+import train.sft as sft
+orig = sft.build_trainer
+class Kill(TrainerCallback):
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)   # a hard crash right after checkpoint 4
+def patched(*a, **k):
+    t = orig(*a, **k); t.add_callback(Kill()); return t
+sft.build_trainer = patched
+from lorafleet.config import TrainConfig
+from train.recipe import run
+run(TrainConfig.model_validate_json({cfg!r}), log=print)
+"""
+
+
+def test_resume_after_kill_equals_uninterrupted_run(train_cfg, tmp_path, root):
+    from train.recipe import run
+
+    common = dict(training__max_steps=8, training__save_steps=2)
+    straight = run(train_cfg(output_dir=str(tmp_path / "straight"), **common), log=lambda m: None)
+    cfg = train_cfg(output_dir=str(tmp_path / "resumed"), **common)
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP.format(root=str(root), cfg=cfg.model_dump_json())],
+                          capture_output=True, text=True, cwd=root)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (tmp_path / "resumed").exists()  # the crash left no half-written adapter
+    assert (tmp_path / "resumed.checkpoints" / "checkpoint-4").is_dir()
+    resumed = run(cfg, resume=True, log=lambda m: None)
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

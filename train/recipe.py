@@ -1,0 +1,208 @@
+"""The training recipe, top to bottom: config → data → model (QLoRA or LoRA) → SFT → adapter dir.
+
+It is the seed tutorial's recipe (BitsAndBytesConfig → LoraConfig → SFTTrainer → save) with
+what a production run needs around it: validated config, completion-only loss, length-grouped
+dynamic padding instead of padding to max length, checkpoints and resume, an atomic final
+write, and a manifest that tells merge and serve what the adapter was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from lorafleet.atomic import atomic_dir
+from lorafleet.config import TrainConfig
+from lorafleet.errors import UserError
+
+LOG = Callable[[str], None]
+
+
+# ------------------------------------------------------------------------------ device & model
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def decide_quantization(cfg: TrainConfig, device: str, log: LOG) -> bool:
+    """QLoRA on CUDA by default; plain LoRA on CPU unless asked for explicitly (said either way)."""
+    asked = cfg.quantization.load_in_4bit
+    if device == "cuda":
+        use = True if asked is None else asked
+        log(f"device: CUDA; {'QLoRA (4-bit ' + cfg.quantization.bnb_4bit_quant_type + ' base)' if use else 'LoRA'}")
+        return use
+    if asked:
+        log("device: CPU; QLoRA as asked (bitsandbytes NF4 on CPU: several times slower than LoRA, less memory)")
+        return True
+    log("device: CPU, no CUDA GPU: training plain LoRA on a float32 base (QLoRA needs "
+        "quantization.load_in_4bit: true on CPU)")
+    return False
+
+
+def load_base(model_ref: str, cfg: TrainConfig, device: str, use_4bit: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if use_4bit:
+        q = cfg.quantization
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=getattr(torch, q.bnb_4bit_compute_dtype),
+            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+        )
+        kwargs["dtype"] = getattr(torch, q.bnb_4bit_compute_dtype)
+        if device == "cuda":
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    else:
+        # fp32 on CPU: this CPU class has no fast bf16 matmul. bf16 on GPUs that have it.
+        if device == "cuda":
+            kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            kwargs["dtype"] = torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_ref, **kwargs)
+    except OSError as e:
+        raise UserError(f"could not load base model {model_ref!r}: {e}") from None
+    return model
+
+
+def linear_module_names(model) -> list[str]:
+    import torch
+
+    names = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf != "lm_head":
+                names.add(leaf)
+    return sorted(names)
+
+
+def lora_config(cfg: TrainConfig, model):
+    from peft import LoraConfig, TaskType
+
+    lc = cfg.lora
+    available = linear_module_names(model)
+    if lc.target_modules != "all-linear":
+        missing = [m for m in lc.target_modules if m not in available]
+        if missing:
+            raise UserError(f"lora.target_modules {missing} are not modules of this model; "
+                            f"its linear modules are {available} (or use `all-linear`)")
+    return LoraConfig(
+        r=lc.r, lora_alpha=lc.lora_alpha, target_modules=lc.target_modules, lora_dropout=lc.lora_dropout,
+        bias=lc.bias, use_rslora=lc.use_rslora, use_dora=lc.use_dora, task_type=TaskType.CAUSAL_LM,
+    )
+
+
+# -------------------------------------------------------------------------------------- the run
+def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoTokenizer, set_seed
+
+    from lorafleet.models import base_fingerprint, resolve_model
+    from lorafleet.templates import resolve_template
+    from train.data import read_records, split_eval, tokenize_records
+    from train.sft import build_trainer
+
+    out = Path(cfg.output_dir)
+    work = out.with_name(out.name + ".checkpoints")
+    if out.exists() and not resume:
+        raise UserError(f"output_dir {out} already exists; choose another, delete it, or pass --resume to continue")
+    t_start = time.time()
+    set_seed(cfg.training.seed)
+
+    # --- data first: a bad file should fail before minutes of model loading
+    model_ref = resolve_model(cfg.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(model_ref, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # the seed's choice; pads are masked from the loss
+    template_name, template = resolve_template(cfg.template, tokenizer)
+    t = cfg.training
+    train_recs = read_records(cfg.data.train_file)
+    train_set = tokenize_records(train_recs, cfg.data.format, tokenizer, template, t.max_seq_length,
+                                 source=cfg.data.train_file)
+    rows, eval_rows = train_set.rows, []
+    if cfg.data.eval_file:
+        ev = tokenize_records(read_records(cfg.data.eval_file), cfg.data.format, tokenizer, template,
+                              t.max_seq_length, source=cfg.data.eval_file)
+        eval_rows = ev.rows
+    elif cfg.data.eval_fraction > 0:
+        rows, eval_rows = split_eval(rows, cfg.data.eval_fraction, t.seed)
+    if not t.completion_only_loss:
+        rows = [{"input_ids": r["input_ids"], "completion_mask": [1] * len(r["input_ids"])} for r in rows]
+    msg = f"data: {len(rows)} train / {len(eval_rows)} eval examples, {train_set.num_tokens} tokens, template {template_name}"
+    if train_set.truncated or train_set.dropped:
+        msg += (f"; {train_set.truncated} truncated to max_seq_length={t.max_seq_length}, "
+                f"{train_set.dropped} dropped (answer cut off)")
+    log(msg)
+
+    # --- model
+    device = pick_device()
+    use_4bit = decide_quantization(cfg, device, log)
+    model = load_base(model_ref, cfg, device, use_4bit)
+    if use_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
+    model = get_peft_model(model, lora_config(cfg, model))
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"model: {cfg.base_model} · LoRA r={cfg.lora.r} alpha={cfg.lora.lora_alpha} · "
+        f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    work.mkdir(parents=True, exist_ok=True)
+    trainer = build_trainer(cfg, model, tokenizer, rows, eval_rows, work, device, use_4bit)
+    last_ckpt = None
+    if resume:
+        ckpts = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if ckpts:
+            last_ckpt = str(ckpts[-1])
+            log(f"resuming from {last_ckpt}")
+        else:
+            log("--resume: no checkpoint yet, starting from the beginning")
+    result = trainer.train(resume_from_checkpoint=last_ckpt)
+    train_seconds = time.time() - t_start
+    metrics = dict(result.metrics)
+    eval_loss = None
+    if eval_rows:
+        eval_loss = trainer.evaluate()["eval_loss"]
+    history = [h for h in trainer.state.log_history]
+    final_train_loss = next((h["loss"] for h in reversed(history) if "loss" in h), metrics.get("train_loss"))
+
+    # --- write the adapter directory in one piece
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tokens = trainer.seen_tokens
+    summary = {
+        "steps": trainer.state.global_step,
+        "train_runtime_s": round(metrics.get("train_runtime", train_seconds), 2),
+        "steps_per_s": round(trainer.state.global_step / max(metrics.get("train_runtime", 1e-9), 1e-9), 4),
+        "tokens_per_s": round(tokens / max(metrics.get("train_runtime", 1e-9), 1e-9), 1),
+        "tokens_seen": tokens,
+        "peak_rss_mb": round(peak_rss_mb, 1),
+        "peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None,
+    }
+    from train.report import manifest, model_card, plot_losses
+
+    with atomic_dir(out, overwrite=resume) as tmp:
+        # Weights and config only: an adapter adds no tokens, so the base's tokenizer applies.
+        model.save_pretrained(tmp, safe_serialization=True)
+        man = manifest(cfg, base_fingerprint(model_ref), template_name, template, train_set, len(rows),
+                       len(eval_rows), trainable, total, final_train_loss, eval_loss, summary, use_4bit, device)
+        (tmp / "lorafleet.json").write_text(json.dumps(man, indent=2, ensure_ascii=False) + "\n")
+        with (tmp / "metrics.jsonl").open("w") as f:
+            for h in history:
+                f.write(json.dumps(h) + "\n")
+        plot_losses(history, tmp / "loss.png")
+        (tmp / "README.md").write_text(model_card(man))
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"done: adapter at {out} · {summary['steps']} steps in {summary['train_runtime_s']:.1f}s · "
+        f"{summary['steps_per_s']:.3f} steps/s · {summary['tokens_per_s']:.0f} tokens/s · "
+        f"peak RSS {summary['peak_rss_mb']:.0f} MB · train loss {final_train_loss:.4f}"
+        + (f" · eval loss {eval_loss:.4f}" if eval_loss is not None else ""))
+    return out
