@@ -1,0 +1,438 @@
+"""The OpenAI-compatible HTTP API (FastAPI), independent of where the engine runs.
+
+`build_app(frontend)` serves the routes; the `Frontend` holds what the HTTP side needs:
+the registry, the tokenizer and templates, the limits and keys, and a `backend` that runs
+generations (in this process, or on Ray Serve replicas through a deployment handle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import ValidationError
+
+from lorafleet.config import LimitsSection
+from lorafleet.templates import render_prompt_ids
+from serve.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, OpenAIError,
+                            UnloadLoRAAdapterRequest, model_not_found, new_id, now)
+from serve.registry import AdapterRegistry
+
+log = logging.getLogger("lorafleet.serve")
+
+
+class Backend(Protocol):
+    def generate(self, call: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def unload(self, name: str) -> None: ...
+
+    async def health(self) -> None: ...
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("lorafleet_requests", "Requests by route, model and status",
+                                ["route", "model", "status"], registry=r)
+        self.prompt_tokens = Counter("lorafleet_prompt_tokens", "Prompt tokens", ["model"], registry=r)
+        self.completion_tokens = Counter("lorafleet_completion_tokens", "Generated tokens", ["model"], registry=r)
+        self.latency = Histogram("lorafleet_request_seconds", "End-to-end request latency", ["route"], registry=r,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+        self.ttft = Histogram("lorafleet_time_to_first_token_seconds", "Time to first token", ["model"], registry=r,
+                              buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
+        self.adapter_loads = Counter("lorafleet_adapter_loads", "Adapter loads into an engine", ["model"], registry=r)
+        self.adapter_evictions = Counter("lorafleet_adapter_evictions", "Adapters evicted (LRU)", ["model"], registry=r)
+        self.in_flight = Gauge("lorafleet_requests_in_flight", "Requests being served", registry=r)
+
+
+@dataclass
+class Frontend:
+    served_name: str
+    tokenizer: Any
+    base_template: str
+    registry: AdapterRegistry
+    backend: Backend
+    max_model_len: int
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    api_keys: list[str] = field(default_factory=list)
+    admin_keys: list[str] = field(default_factory=list)
+    root_model: str = ""
+    metrics: Metrics = field(default_factory=Metrics)
+    per_key_in_flight: defaultdict = field(default_factory=lambda: defaultdict(int))
+    draining: bool = False
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _err(e: OpenAIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _check_key(presented: str | None, keys: list[str]) -> bool:
+    if presented is None:
+        return False
+    # compare against every key, always: the time taken does not reveal which key nearly matched
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(presented.encode(), k.encode())
+    return ok
+
+
+def _bearer(request: Request) -> str | None:
+    h = request.headers.get("authorization", "")
+    return h[7:].strip() if h.lower().startswith("bearer ") else None
+
+
+def _validation_error(e: ValidationError) -> OpenAIError:
+    first = e.errors()[0]
+    param = ".".join(str(x) for x in first["loc"]) or None
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = f"unknown parameter {param!r}"
+    elif first["type"] == "missing":
+        msg = f"missing required parameter {param!r}"
+    else:
+        msg = f"invalid value for {param!r}: {msg}"
+    return OpenAIError(400, msg, param=param, code="invalid_parameter")
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise OpenAIError(413, f"request body is {declared} bytes, above the {limit}-byte limit",
+                          code="request_too_large")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise OpenAIError(413, f"request body is above the {limit}-byte limit", code="request_too_large")
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise OpenAIError(400, "request body is not valid UTF-8", code="invalid_json") from None
+    except json.JSONDecodeError as e:
+        raise OpenAIError(400, f"request body is not valid JSON: {e.msg} at position {e.pos}",
+                          code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise OpenAIError(400, "request body must be a JSON object", code="invalid_json")
+    return obj
+
+
+def build_app(fe: Frontend) -> FastAPI:
+    app = FastAPI(title="lorafleet", version="0.1.0",
+                  description="OpenAI-compatible API over a base model and its LoRA adapters.")
+    app.state.frontend = fe
+    m = fe.metrics
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_req, exc: OpenAIError):
+        return _err(exc)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        path = request.url.path
+        if path in ("/health", "/ready", "/metrics") or path.startswith(("/docs", "/openapi")):
+            return await call_next(request)
+        admin = path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters/rescan")
+        key = _bearer(request)
+        if admin:
+            if fe.admin_keys:
+                if not _check_key(key, fe.admin_keys):
+                    status = 401 if key is None else 403
+                    return _err(OpenAIError(status, "admin routes need the admin key (LORAFLEET_ADMIN_KEY) "
+                                                    "as 'Authorization: Bearer <key>'", type="authentication_error",
+                                            code="invalid_api_key"))
+            elif fe.api_keys:
+                return _err(OpenAIError(403, "admin routes are disabled: no admin key is configured "
+                                             "(set LORAFLEET_ADMIN_KEY)", type="permission_error"))
+        elif fe.api_keys and not _check_key(key, fe.api_keys) and not _check_key(key, fe.admin_keys):
+            return _err(OpenAIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                    type="authentication_error", code="invalid_api_key"))
+        request.state.key = key or "anonymous"
+        return await call_next(request)
+
+    # -------------------------------------------------------------------------- plain routes
+    @app.get("/health")
+    async def health():
+        try:
+            await asyncio.wait_for(fe.backend.health(), timeout=10)
+        except Exception as e:  # an engine that died or hangs: not healthy, whatever the cause
+            return JSONResponse({"status": "unhealthy", "error": str(e)[:200]}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if fe.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(m.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models():
+        fe.registry.scan()
+        data = [{"id": fe.served_name, "object": "model", "created": now(), "owned_by": "lorafleet",
+                 "root": fe.root_model or fe.served_name, "parent": None, "max_model_len": fe.max_model_len}]
+        for a in sorted(fe.registry.adapters.values(), key=lambda a: a.name):
+            data.append({"id": a.name, "object": "model", "created": a.created, "owned_by": "lorafleet",
+                         "root": a.uri, "parent": fe.served_name})
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str):
+        listing = (await list_models())["data"]
+        for d in listing:
+            if d["id"] == model_id:
+                return d
+        raise model_not_found(model_id)
+
+    # ------------------------------------------------------------------------------ admin
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(request: Request):
+        try:
+            req = LoadLoRAAdapterRequest.model_validate(await _read_json(request, fe.limits.max_body_bytes))
+        except ValidationError as e:
+            raise _validation_error(e) from None
+        if req.lora_name == fe.served_name:
+            raise OpenAIError(400, f"{req.lora_name} is the base model's name", param="lora_name")
+        existing = fe.registry.adapters.get(req.lora_name)
+        if existing and not req.load_inplace:
+            raise OpenAIError(400, f"adapter {req.lora_name} is already registered; unload it first or pass "
+                                   "load_inplace: true", param="lora_name")
+        await asyncio.to_thread(fe.registry.register, req.lora_name, req.lora_path)
+        if existing:
+            await fe.backend.unload(req.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(request: Request):
+        try:
+            req = UnloadLoRAAdapterRequest.model_validate(await _read_json(request, fe.limits.max_body_bytes))
+        except ValidationError as e:
+            raise _validation_error(e) from None
+        if fe.registry.unregister(req.lora_name) is None:
+            raise OpenAIError(404, f"adapter {req.lora_name} is not registered", param="lora_name",
+                              code="model_not_found")
+        await fe.backend.unload(req.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
+    @app.post("/v1/adapters/rescan")
+    async def rescan():
+        found = await asyncio.to_thread(fe.registry.scan)
+        return {"adapters": sorted(found), "rejected": fe.registry.rejected}
+
+    # ------------------------------------------------------------------------ generation
+    async def resolve(model: str) -> tuple[dict[str, str] | None, str]:
+        if model == fe.served_name:
+            return None, fe.base_template
+        a = await asyncio.to_thread(fe.registry.get, model)
+        if a is None:
+            raise model_not_found(model)
+        await asyncio.to_thread(fe.registry.prepare, a)
+        return {"name": a.name, "path": str(a.local_path)}, a.template or fe.base_template
+
+    def sampling(req, prompt_len: int) -> dict[str, Any]:
+        limit = fe.max_model_len
+        if prompt_len >= limit:
+            raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt "
+                                   f"has {prompt_len} tokens. Shorten the prompt.", param="messages",
+                              code="context_length_exceeded")
+        asked = req.max_completion_tokens or req.max_tokens
+        if asked is not None and asked > fe.limits.max_tokens:
+            raise OpenAIError(400, f"max_tokens={asked} is above this server's limit of {fe.limits.max_tokens}",
+                              param="max_tokens")
+        if asked is not None and prompt_len + asked > limit:
+            raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                   f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the "
+                                   f"completion). Reduce the prompt or max_tokens.", param="max_tokens",
+                              code="context_length_exceeded")
+        if req.n > fe.limits.max_n:
+            raise OpenAIError(400, f"n={req.n} is above this server's limit of {fe.limits.max_n}", param="n")
+        max_tokens = asked or min(fe.limits.max_tokens, limit - prompt_len)
+        p = {"n": req.n, "temperature": req.temperature, "top_p": req.top_p, "max_tokens": max_tokens,
+             "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
+        if req.stop_list:
+            p["stop"] = req.stop_list
+        if req.seed is not None:
+            p["seed"] = req.seed
+        return p
+
+    class _Slot:
+        """Per-key concurrency: 429 with Retry-After above the limit."""
+
+        def __init__(self, key: str):
+            self.key = key
+
+        def __enter__(self):
+            if fe.per_key_in_flight[self.key] >= fe.limits.max_concurrent_per_key:
+                raise OpenAIError(429, f"too many concurrent requests for this key (limit "
+                                       f"{fe.limits.max_concurrent_per_key}); retry shortly",
+                                  type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+            fe.per_key_in_flight[self.key] += 1
+            m.in_flight.inc()
+
+        def __exit__(self, *exc):
+            fe.per_key_in_flight[self.key] -= 1
+            m.in_flight.dec()
+
+    async def run(route: str, request: Request, kind: str):
+        t0 = time.perf_counter()
+        if fe.draining:
+            raise OpenAIError(503, "server is shutting down", type="server_error")
+        body = await _read_json(request, fe.limits.max_body_bytes)
+        try:
+            req = (ChatCompletionRequest if kind == "chat" else CompletionRequest).model_validate(body)
+        except ValidationError as e:
+            raise _validation_error(e) from None
+        adapter, template = await resolve(req.model)
+        if kind == "chat":
+            msgs = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()}
+                    for x in req.messages]
+            try:
+                prompt_ids = render_prompt_ids(fe.tokenizer, template, msgs)
+            except Exception as e:  # a template may raise on role orders it does not support
+                raise OpenAIError(400, f"the chat template cannot render these messages: {e}",
+                                  param="messages") from None
+        else:
+            prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
+            if isinstance(prompt, list):
+                bad = [t for t in prompt if not isinstance(t, int) or t < 0 or t >= len(fe.tokenizer)]
+                if bad:
+                    raise OpenAIError(400, f"prompt token ids out of range: {bad[:5]}", param="prompt")
+                prompt_ids = list(prompt)
+            else:
+                prompt_ids = fe.tokenizer(prompt)["input_ids"]
+        params = sampling(req, len(prompt_ids))
+        rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        call = {"prompt_ids": prompt_ids, "params": params, "adapter": adapter, "request_id": rid,
+                "stream": req.stream}
+        slot = _Slot(request.state.key)
+        slot.__enter__()
+        try:
+            stream = fe.backend.generate(call)
+            first = await stream.__anext__()  # the "start" event: adapter loaded; errors surface here
+        except BaseException:
+            slot.__exit__()
+            raise
+        if first.get("loaded") and adapter:
+            m.adapter_loads.labels(adapter["name"]).inc()
+        for v in first.get("evicted", []):
+            m.adapter_evictions.labels(v).inc()
+        created = now()
+        if req.stream:
+            return StreamingResponse(
+                _sse(kind, req, rid, created, len(prompt_ids), stream, slot, t0, route),
+                media_type="text/event-stream")
+        try:
+            texts = [""] * req.n
+            ntoks = [0] * req.n
+            finish: list[str | None] = [None] * req.n
+            async for ev in stream:
+                for d in ev["deltas"]:
+                    texts[d["index"]] += d["text"]
+                    ntoks[d["index"]] += d["num_tokens"]
+                    finish[d["index"]] = d["finish_reason"] or finish[d["index"]]
+        finally:
+            slot.__exit__()
+        completion = sum(ntoks)
+        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
+                 "total_tokens": len(prompt_ids) + completion}
+        _account(req.model, route, 200, len(prompt_ids), completion, t0)
+        if kind == "chat":
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+                        "finish_reason": finish[i] or "stop"} for i in range(req.n)]
+            return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
+                    "choices": choices, "usage": usage}
+        choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i] or "stop"}
+                   for i in range(req.n)]
+        return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": choices, "usage": usage}
+
+    def _account(model, route, status, prompt, completion, t0):
+        m.requests.labels(route, model, str(status)).inc()
+        m.prompt_tokens.labels(model).inc(prompt)
+        m.completion_tokens.labels(model).inc(completion)
+        m.latency.labels(route).observe(time.perf_counter() - t0)
+
+    async def _sse(kind, req, rid, created, prompt_len, stream, slot, t0, route):
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        completion = 0
+        first_token = True
+
+        def chunk(choices, usage=None):
+            c = {"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices}
+            if req.include_usage:
+                c["usage"] = usage
+            return f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+
+        try:
+            if kind == "chat":
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(req.n)])
+            async for ev in stream:
+                choices = []
+                for d in ev["deltas"]:
+                    completion += d["num_tokens"]
+                    if kind == "chat":
+                        delta = {"content": d["text"]} if d["text"] else {}
+                        choices.append({"index": d["index"], "delta": delta, "logprobs": None,
+                                        "finish_reason": d["finish_reason"]})
+                    else:
+                        choices.append({"index": d["index"], "text": d["text"], "logprobs": None,
+                                        "finish_reason": d["finish_reason"]})
+                if first_token and completion:
+                    m.ttft.labels(req.model).observe(time.perf_counter() - t0)
+                    first_token = False
+                if choices:
+                    yield chunk(choices)
+            if req.include_usage:
+                usage = {"prompt_tokens": prompt_len, "completion_tokens": completion,
+                         "total_tokens": prompt_len + completion}
+                yield chunk([], usage)
+            yield "data: [DONE]\n\n"
+            _account(req.model, route, 200, prompt_len, completion, t0)
+        except asyncio.CancelledError:  # the client went away: the generator's close aborts the request
+            raise
+        except Exception as e:  # the engine failed mid-stream: end the stream with an error event
+            log.exception("stream %s failed", rid)
+            err = OpenAIError(500, f"generation failed: {e}", type="server_error")
+            yield f"data: {json.dumps(err.body())}\n\n"
+            m.requests.labels(route, req.model, "500").inc()
+        finally:
+            slot.__exit__()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await _guarded("chat", request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _guarded("completions", request)
+
+    async def _guarded(kind: str, request: Request):
+        route = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        try:
+            return await run(route, request, kind)
+        except OpenAIError as e:
+            m.requests.labels(route, "-", str(e.status)).inc()
+            return _err(e)
+        except ValueError as e:  # vLLM validates some parameters itself (VLLMValidationError)
+            m.requests.labels(route, "-", "400").inc()
+            return _err(OpenAIError(400, str(e), param=getattr(e, "parameter", None)))
+
+    return app
+
+
+def render_response(obj: Any) -> Response:
+    return JSONResponse(obj)

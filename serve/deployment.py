@@ -1,0 +1,195 @@
+"""Ray Serve application: an HTTP ingress and autoscaled engine replicas.
+
+    client ──HTTP──▶ Ingress (FastAPI: auth, limits, registry, templates)
+                        │  handle.options(multiplexed_model_id=<adapter>)
+                        ▼
+                     LLMServer replicas (vLLM AsyncLLM + resident adapters), autoscaled
+
+The ingress names the adapter as the request's multiplexed model id, so Ray Serve routes it
+to a replica that already holds that adapter when there is one (no reload, no swap).
+Requests for different adapters on one replica are batched together by vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from lorafleet.config import ServeConfig
+from serve.engine import ModelServer, VllmEngine
+
+log = logging.getLogger("lorafleet.serve")
+APP_NAME = "lorafleet"
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def read_keys(env: str, path: str | None) -> list[str]:
+    keys = [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
+    if path:
+        p = Path(path)
+        if p.is_file():
+            keys += [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return keys
+
+
+def engine_plan(cfg: ServeConfig, model_path: str) -> dict[str, Any]:
+    """Resolve what the config leaves open: LoRA on/off, max rank and adapters per batch."""
+    from serve.registry import AdapterRegistry
+
+    reg = AdapterRegistry(cfg.adapters, cache_dir=Path("/tmp"), allow_pickle=True)
+    reg.scan()
+    enable_lora = cfg.engine.enable_lora if cfg.engine.enable_lora is not None else bool(cfg.adapters)
+    rank = cfg.engine.max_lora_rank or next((r for r in VLLM_LORA_RANKS if r >= reg.max_rank()), 512)
+    max_loras = cfg.engine.max_loras or max(1, min(8, len(reg.adapters) or 1, cfg.max_resident_adapters))
+    return {"enable_lora": enable_lora, "max_lora_rank": rank, "max_loras": max_loras,
+            "max_cpu_loras": cfg.engine.max_cpu_loras or cfg.max_resident_adapters}
+
+
+def build_frontend(cfg: ServeConfig, model_path: str, backend: Any, max_model_len: int, max_lora_rank: int):
+    from transformers import AutoTokenizer
+
+    from lorafleet.models import base_fingerprint, cache_root, module_shapes
+    from serve.app import Frontend
+    from serve.registry import AdapterRegistry
+
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.engine.trust_remote_code)
+    tpl = tok.chat_template or ""
+    fp = base_fingerprint(model_path)["fingerprint"] if Path(model_path).is_dir() else None
+    registry = AdapterRegistry(cfg.adapters, cache_dir=cache_root() / "adapters", base_shapes=module_shapes(model_path),
+                               base_fingerprint=fp, max_lora_rank=max_lora_rank, allow_pickle=cfg.allow_pickle,
+                               max_adapter_bytes=cfg.limits.max_adapter_bytes)
+    registry.scan()
+    return Frontend(served_name=cfg.served_model_name or cfg.model, tokenizer=tok, base_template=tpl,
+                    registry=registry, backend=backend, max_model_len=max_model_len, limits=cfg.limits,
+                    api_keys=read_keys("LORAFLEET_API_KEY", cfg.api_keys_file),
+                    admin_keys=read_keys("LORAFLEET_ADMIN_KEY", cfg.admin_keys_file), root_model=cfg.model)
+
+
+class LocalBackend:
+    """The engine in this process (tests, benchmarks, a single-process server)."""
+
+    def __init__(self, server: ModelServer):
+        self.server = server
+
+    def generate(self, call):
+        return self.server.generate(call)
+
+    async def unload(self, name):
+        await self.server.unload(name)
+
+    async def health(self):
+        await self.server.engine.check_health()
+
+
+class RayBackend:
+    """Engine replicas behind a Ray Serve deployment handle."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    async def generate(self, call):
+        name = call["adapter"]["name"] if call.get("adapter") else ""
+        gen = self.handle.options(stream=True, multiplexed_model_id=name).generate.remote(call)
+        try:
+            async for ev in gen:
+                yield ev
+        finally:
+            gen.cancel()  # the client went away or the stream ended: free the engine slot
+
+    async def unload(self, name):
+        await self.handle.unload.remote(name)
+
+    async def health(self):
+        await self.handle.health.remote()
+
+
+def build_app(cfg: ServeConfig, model_path: str):
+    """The Ray Serve application for `serve.run`."""
+    plan = engine_plan(cfg, model_path)
+    cfg_json = cfg.model_dump_json()
+    max_resident = cfg.max_resident_adapters
+
+    @serve.deployment(
+        name="LLMServer",
+        autoscaling_config={
+            "min_replicas": cfg.autoscaling.min_replicas, "max_replicas": cfg.autoscaling.max_replicas,
+            "initial_replicas": cfg.autoscaling.initial_replicas or max(1, cfg.autoscaling.min_replicas),
+            "target_ongoing_requests": cfg.autoscaling.target_ongoing_requests,
+            "upscale_delay_s": cfg.autoscaling.upscale_delay_s,
+            "downscale_delay_s": cfg.autoscaling.downscale_delay_s,
+        },
+        ray_actor_options={"num_cpus": cfg.resources.num_cpus, "num_gpus": cfg.resources.num_gpus,
+                           "runtime_env": {"env_vars": {"RAY_worker_niceness": "0",
+                                                        "TOKENIZERS_PARALLELISM": "false"}}},
+        max_ongoing_requests=cfg.engine.max_num_seqs * 2,
+        graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=120,
+        health_check_period_s=5, health_check_timeout_s=30,
+    )
+    class LLMServer:
+        def __init__(self):
+            c = ServeConfig.model_validate_json(cfg_json)
+            engine = VllmEngine(model_path, c.engine, plan["enable_lora"], plan["max_lora_rank"], plan["max_loras"],
+                                plan["max_cpu_loras"], c.served_model_name or c.model)
+            self.server = ModelServer(engine, max_resident)
+
+        @serve.multiplexed(max_num_models_per_replica=max_resident)
+        async def _route_slot(self, model_id: str):
+            # Tells Ray Serve which adapters this replica holds, so it routes their requests here.
+            return model_id
+
+        async def generate(self, call: dict[str, Any]):
+            name = serve.get_multiplexed_model_id()
+            if name:
+                await self._route_slot(name)
+            async for ev in self.server.generate(call):
+                yield ev
+
+        async def unload(self, name: str) -> bool:
+            return await self.server.unload(name)
+
+        async def health(self) -> dict[str, Any]:
+            await self.server.engine.check_health()
+            return self.server.stats()
+
+        async def max_model_len(self) -> int:
+            return self.server.engine.max_model_len
+
+        async def check_health(self):
+            # Ray Serve calls this periodically: a dead engine process fails it and the
+            # replica is replaced.
+            await self.server.engine.check_health()
+
+        def __del__(self):
+            try:
+                self.server.engine.shutdown()
+            except Exception:  # best effort at teardown
+                pass
+
+    def ingress_builder():
+        from serve.app import build_app as build_http
+
+        handle = serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
+        c = ServeConfig.model_validate_json(cfg_json)
+        fe = build_frontend(c, model_path, RayBackend(handle), max_model_len=0,
+                            max_lora_rank=plan["max_lora_rank"])
+        app = build_http(fe)
+
+        @app.on_event("startup")
+        async def _learn_context():
+            # the context length is the engine's to decide (model config, max_model_len)
+            fe.max_model_len = await handle.max_model_len.remote()
+
+        return app
+
+    @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=1000, graceful_shutdown_timeout_s=120)
+    @serve.ingress(ingress_builder)
+    class Ingress:
+        def __init__(self, llm_server):
+            self.llm_server = llm_server  # bound so the engine deployment is part of this app
+
+    return Ingress.bind(LLMServer.bind())

