@@ -1,0 +1,131 @@
+"""`lorafleet merge`: adapter + full-precision base -> a merged model directory, verified.
+
+Never merges into a 4-bit base: the weights come from the base's fp16/bf16/fp32 safetensors
+(the seed tutorial reloads the base unquantized for the same reason). The output is built in
+a temp dir and renamed into place only after the parity check passes.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lorafleet.adapter import check_against_base, read_adapter
+from lorafleet.atomic import atomic_dir
+from lorafleet.errors import UserError
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SIDE_FILES = ("generation_config.json",)
+
+
+def _base_for(adapter_info, base: str | None) -> str:
+    if base:
+        return base
+    man = adapter_info.manifest or {}
+    name = man.get("base_model", {}).get("name") or adapter_info.config.get("base_model_name_or_path")
+    if not name:
+        raise UserError(f"adapter {adapter_info.path} does not say which base it was trained on; pass --base")
+    return name
+
+
+def _local_base(ref: str) -> Path:
+    from lorafleet.models import resolve_model
+
+    resolved = resolve_model(ref)
+    p = Path(resolved)
+    if p.is_dir():
+        return p
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model",
+                                                             "*.txt", "tokenizer*"]))
+
+
+def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str = "bfloat16", method: str = "auto",
+                  tolerance: float | None = None, verify: bool = True, overwrite: bool = False,
+                  allow_pickle: bool = False, log: Callable[[str], None] = print,
+                  max_shard_bytes: int = 2 * 1024**3) -> Path:
+    from transformers import AutoTokenizer
+
+    from lorafleet.models import base_fingerprint, module_shapes
+    from merge.streaming import stream_merge, streaming_supported
+    from merge.verify import DEFAULT_TOLERANCE, parity_report
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: use float16 or bfloat16 (float32 also works); never a 4-bit dtype")
+    if method not in ("auto", "streaming", "peft"):
+        raise UserError(f"--method {method}: use auto, streaming or peft")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"output directory {out} already exists; choose another path or pass --overwrite")
+    info = read_adapter(adapter, allow_pickle=allow_pickle)
+    base_ref = _base_for(info, base)
+    base_dir = _local_base(base_ref)
+    cfg = json.loads((base_dir / "config.json").read_text())
+    if cfg.get("quantization_config"):
+        raise UserError(f"base {base_ref} is a quantized checkpoint ({cfg['quantization_config'].get('quant_method')}); "
+                        "merge into the full-precision (fp16/bf16) base, not the 4-bit one used for training")
+    fp = base_fingerprint(str(base_dir))
+    check_against_base(info, module_shapes(str(base_dir)), fp["fingerprint"])
+    why_not = streaming_supported(info)
+    if method == "streaming" and why_not:
+        raise UserError(f"the streaming merge cannot handle this adapter ({why_not}); use --method peft")
+    use_streaming = method == "streaming" or (method == "auto" and why_not is None)
+    tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE[dtype]
+    t0 = time.time()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        if use_streaming:
+            log(f"merging {info.name} into {base_ref} ({dtype}, streaming: one tensor at a time)")
+            stats = stream_merge(base_dir, info, tmp, DTYPES[dtype], max_shard_bytes=max_shard_bytes)
+            cfg_out = dict(cfg, dtype=dtype)
+            cfg_out.pop("torch_dtype", None)
+            (tmp / "config.json").write_text(json.dumps(cfg_out, indent=2) + "\n")
+            for f in SIDE_FILES:
+                if (base_dir / f).is_file():
+                    shutil.copy2(base_dir / f, tmp / f)
+        else:
+            log(f"merging {info.name} into {base_ref} ({dtype}, peft merge_and_unload"
+                f"{': ' + why_not if why_not else ''})")
+            stats = _peft_merge(base_dir, info, tmp, DTYPES[dtype], max_shard_bytes)
+        tok = AutoTokenizer.from_pretrained(base_dir)
+        # The merged model is prompted the way the adapter was trained: its template becomes
+        # the merged model's chat template.
+        template = info.template or tok.chat_template
+        if template:
+            tok.chat_template = template
+        tok.save_pretrained(tmp)
+        merge_seconds = time.time() - t0
+        report = {"base_model": base_ref, "base_fingerprint": fp["fingerprint"], "adapter": str(adapter),
+                  "dtype": dtype, "method": "streaming" if use_streaming else "peft", **stats,
+                  "merge_seconds": round(merge_seconds, 2),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  "tolerance": tol}
+        if verify:
+            log("verifying: base+adapter (peft, unmerged) vs merged, float32 logits on probe prompts")
+            report["parity"] = parity_report(str(base_dir), str(adapter), str(tmp), template)
+            p = report["parity"]
+            log(f"max |Δlogits| {p['max_abs_logits_diff']:.4g} (adapter effect {p['adapter_effect_max_abs']:.4g}), "
+                f"mean {p['mean_abs_logits_diff']:.3g}, greedy tokens agree: {p['greedy_tokens_agree']}")
+            if p["max_abs_logits_diff"] > tol:
+                raise UserError(f"merge parity check failed: max |Δlogits| {p['max_abs_logits_diff']:.4g} is above "
+                                f"the tolerance {tol}; nothing was written. Check the adapter/base pair, or raise "
+                                "--tolerance if the difference is expected")
+        (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"merged model at {out} ({time.time() - t0:.1f}s)")
+    return out
+
+
+def _peft_merge(base_dir: Path, info, tmp: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+    model = PeftModel.from_pretrained(model, str(info.path)).merge_and_unload()
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_bytes)
+    return {"tensors": len(model.state_dict()), "merged_modules": None, "shards": len(list(tmp.glob("*.safetensors")))}

@@ -1,0 +1,116 @@
+"""Merge stage on the tiny model: parity, streaming == peft, sharding, refusals, atomic output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fixtures import build_tiny_llama, make_random_adapter
+from lorafleet.errors import UserError
+from merge.run import merge_adapter
+
+quiet = dict(log=lambda m: None)
+
+
+def _weights(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("extra", [{}, {"use_rslora": True}])
+def test_streaming_equals_peft(tiny_base, tmp_path, dtype, extra):
+    ad = make_random_adapter(tiny_base, tmp_path / "ad", seed=4, r=8, alpha=24, **extra)
+    s = merge_adapter(ad, tmp_path / "s", base=str(tiny_base), dtype=dtype, method="streaming", **quiet)
+    p = merge_adapter(ad, tmp_path / "p", base=str(tiny_base), dtype=dtype, method="peft", **quiet)
+    a, b = _weights(s), _weights(p)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == getattr(torch, dtype)
+        torch.testing.assert_close(a[k].float(), b[k].float(), rtol=0, atol=0)  # bit-identical
+    rep = json.loads((s / "merge_report.json").read_text())
+    assert rep["method"] == "streaming" and rep["merged_modules"] == 8
+    assert rep["parity"]["greedy_tokens_agree"]
+    assert rep["parity"]["max_abs_logits_diff"] < rep["parity"]["adapter_effect_max_abs"] / 10
+
+
+def test_merged_dir_is_complete_and_sharded(tiny_base, tiny_adapters, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = merge_adapter(tiny_adapters / "alpha", tmp_path / "m", base=str(tiny_base), dtype="float16",
+                        max_shard_bytes=200_000, **quiet)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    for f in ["config.json", "tokenizer.json", "merge_report.json"]:
+        assert (out / f).is_file(), f
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.float16
+    assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_merged_model_uses_the_adapter_template(train_cfg, tiny_base, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lorafleet.templates import SEED_TEMPLATE
+    from train.recipe import run
+
+    ad = run(train_cfg(output_dir=str(tmp_path / "trained")), **quiet)
+    out = merge_adapter(ad, tmp_path / "m", dtype="bfloat16", **quiet)  # base read from the manifest
+    assert AutoTokenizer.from_pretrained(out).chat_template == SEED_TEMPLATE
+
+
+def test_refusals_leave_nothing(tiny_base, tiny_adapters, tmp_path):
+    out = tmp_path / "m"
+    # adapter for another base
+    other = build_tiny_llama(tmp_path / "other", __import__("pathlib").Path(__file__).parents[1], hidden=192)
+    foreign = make_random_adapter(other, tmp_path / "foreign", seed=1)
+    with pytest.raises(UserError, match="another base"):
+        merge_adapter(foreign, out, base=str(tiny_base), **quiet)
+    # missing weights / corrupt weights / pickle only
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_adapters / "alpha", broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="corrupt"):
+        merge_adapter(broken, out, base=str(tiny_base), **quiet)
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(UserError, match="adapter_model.safetensors is missing"):
+        merge_adapter(broken, out, base=str(tiny_base), **quiet)
+    torch.save(load_file(tiny_adapters / "alpha" / "adapter_model.safetensors"), broken / "adapter_model.bin")
+    with pytest.raises(UserError, match="pickle"):
+        merge_adapter(broken, out, base=str(tiny_base), **quiet)
+    merge_adapter(broken, out, base=str(tiny_base), allow_pickle=True, **quiet)  # explicit opt-in works
+    # existing output
+    with pytest.raises(UserError, match="already exists"):
+        merge_adapter(tiny_adapters / "alpha", out, base=str(tiny_base), **quiet)
+    # quantized base
+    q = tmp_path / "qbase"
+    shutil.copytree(tiny_base, q)
+    cfg = json.loads((q / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (q / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="full-precision"):
+        merge_adapter(tiny_adapters / "alpha", tmp_path / "q-out", base=str(q), **quiet)
+    assert not (tmp_path / "q-out").exists()
+    assert not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_parity_failure_removes_output(tiny_base, tiny_adapters, tmp_path):
+    with pytest.raises(UserError, match="parity check failed"):
+        merge_adapter(tiny_adapters / "alpha", tmp_path / "m", base=str(tiny_base), dtype="bfloat16",
+                      tolerance=1e-9, **quiet)
+    assert not (tmp_path / "m").exists() and not list(tmp_path.glob(".m.tmp-*"))
+
+
+def test_dora_goes_through_peft(tiny_base, tmp_path):
+    ad = make_random_adapter(tiny_base, tmp_path / "dora", seed=3, use_dora=True)
+    with pytest.raises(UserError, match="DoRA"):
+        merge_adapter(ad, tmp_path / "x", base=str(tiny_base), method="streaming", **quiet)
+    out = merge_adapter(ad, tmp_path / "m", base=str(tiny_base), dtype="float16", **quiet)
+    rep = json.loads((out / "merge_report.json").read_text())
+    assert rep["method"] == "peft" and rep["parity"]["greedy_tokens_agree"]
