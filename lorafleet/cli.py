@@ -79,6 +79,32 @@ def merge(base: str = typer.Option(None, help="Base model (HF id or path); defau
                   verify=not skip_verify, overwrite=overwrite, allow_pickle=allow_pickle, log=log)
 
 
+@app.command("export-onnx")
+@user_errors
+def export_onnx(model: Path = typer.Option(..., help="Merged (or base) model directory."),
+                out: Path = typer.Option(..., help="Directory for the ONNX model."),
+                precision: str = typer.Option("fp32", help="fp32 | int8 | int4 (weight-only quantization)."),
+                tolerance: float = typer.Option(None, help="Max |Δlogits| vs PyTorch that fails the export."),
+                overwrite: bool = typer.Option(False)):
+    """Export to ONNX (decoder with KV cache) for onnxruntime on edge CPUs; verify parity."""
+    from merge.onnx import export_onnx as run
+
+    run(model, out, precision=precision, tolerance=tolerance, overwrite=overwrite, log=log)
+
+
+@app.command()
+@user_errors
+def generate(prompt: str = typer.Argument(...),
+             onnx: Path = typer.Option(..., help="Exported ONNX model directory."),
+             max_new_tokens: int = typer.Option(128),
+             temperature: float = typer.Option(0.0),
+             system: Optional[str] = typer.Option(None, help="System message.")):
+    """Generate with an exported ONNX model (onnxruntime-genai), using its chat template."""
+    from merge.onnx import generate_text
+
+    typer.echo(generate_text(onnx, prompt, max_new_tokens=max_new_tokens, temperature=temperature, system=system))
+
+
 @app.command()
 @user_errors
 def serve(config: Optional[Path] = typer.Argument(None, help="Serve YAML (optional: flags alone work)."),

@@ -1,0 +1,142 @@
+"""The edge path: export a (merged) model to ONNX with a KV cache, check it, generate with it.
+
+Exporter: onnxruntime-genai's model builder. It writes a decoder with past key values that
+onnxruntime runs on CPU, keeps weights in an external data file (no 2 GB protobuf limit),
+understands transformers 5 configs (`rope_parameters`), and quantizes weights to int4/int8
+(MatMulNBits). optimum's exporter requires transformers < 4.58, and `torch.onnx.export`
+gives no KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from lorafleet.atomic import atomic_dir
+from lorafleet.errors import UserError
+
+# Max |Δlogits| vs PyTorch float32 that fails the export. Quantized exports differ by design:
+# their numbers are reported, and they fail only when the user sets a tolerance.
+DEFAULT_TOLERANCE = {"fp32": 1e-2, "int8": None, "int4": None}
+
+
+def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: float | None = None,
+                overwrite: bool = False, gen_tokens: int = 16, log: Callable[[str], None] = print) -> Path:
+    if precision not in DEFAULT_TOLERANCE:
+        raise UserError(f"--precision {precision}: use fp32, int8 or int4")
+    model = Path(model)
+    if not (model / "config.json").is_file():
+        raise UserError(f"{model} is not an HF model directory (no config.json); export a merged model directory")
+    tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE[precision]
+    t0 = time.time()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        log(f"exporting {model} to ONNX ({precision}, KV cache, CPU) with onnxruntime-genai's builder")
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(tmp),
+               "-p", precision, "-e", "cpu", "-c", str(tmp / ".cache")]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+        if res.returncode != 0:
+            raise UserError(f"ONNX export failed (builder exit {res.returncode}):\n{res.stderr.strip()[-2000:]}")
+        # The builder copies the tokenizer; keep the model's own chat template next to it.
+        for f in ("chat_template.jinja", "generation_config.json"):
+            if (model / f).is_file():
+                shutil.copy2(model / f, tmp / f)
+        export_s = time.time() - t0
+        log("checking: ONNX Runtime vs PyTorch float32 logits and greedy tokens on probe prompts")
+        report = {"source": str(model), "precision": precision, "export_seconds": round(export_s, 1),
+                  "files_mb": {f.name: round(f.stat().st_size / 2**20, 2) for f in tmp.iterdir() if f.is_file()},
+                  "tolerance": tol, **onnx_parity(model, tmp, gen_tokens)}
+        log(f"max |Δlogits| {report['max_abs_logits_diff']:.3g}, greedy tokens equal for "
+            f"{report['greedy_tokens_matched']}/{report['greedy_tokens_compared']} tokens")
+        if tol is not None and report["max_abs_logits_diff"] > tol:
+            raise UserError(f"ONNX parity check failed: max |Δlogits| {report['max_abs_logits_diff']:.4g} is above "
+                            f"the tolerance {tol}; nothing was written")
+        (tmp / "onnx_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"ONNX model at {out} ({time.time() - t0:.0f}s)")
+    return out
+
+
+def _prompt_ids(tokenizer, template: str | None) -> list[list[int]]:
+    from merge.verify import probe_ids
+
+    return probe_ids(tokenizer, template)
+
+
+def onnx_parity(model_dir: Path, onnx_dir: Path, gen_tokens: int) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = _prompt_ids(tok, tok.chat_template)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    og_model = OnnxGenerator(onnx_dir)
+    diffs, matched, compared = [], 0, 0
+    for x in ids:
+        with torch.no_grad():
+            ref = hf(torch.tensor([x])).logits[0, -1].numpy()
+        got = og_model.last_logits(x)
+        diffs.append(float(np.abs(ref - got).max()))
+        ref_gen = hf.generate(torch.tensor([x]), max_new_tokens=gen_tokens, do_sample=False,
+                              pad_token_id=tok.pad_token_id or tok.eos_token_id)[0][len(x):].tolist()
+        got_gen = og_model.greedy(x, gen_tokens)
+        n = min(len(ref_gen), len(got_gen))
+        same = next((i for i in range(n) if ref_gen[i] != got_gen[i]), n)
+        matched += same
+        compared += n
+    return {"probes": len(ids), "max_abs_logits_diff": max(diffs), "greedy_tokens_matched": matched,
+            "greedy_tokens_compared": compared}
+
+
+class OnnxGenerator:
+    """Greedy/sampled generation with onnxruntime-genai, prompts rendered like serving does."""
+
+    def __init__(self, onnx_dir: Path):
+        import onnxruntime_genai as og
+
+        self.og = og
+        self.dir = Path(onnx_dir)
+        if not (self.dir / "genai_config.json").is_file():
+            raise UserError(f"{onnx_dir} is not an exported ONNX model (no genai_config.json); run export-onnx")
+        self.model = og.Model(str(self.dir))
+
+    def _generator(self, ids: list[int], max_new: int, temperature: float = 0.0):
+        params = self.og.GeneratorParams(self.model)
+        opts: dict[str, Any] = {"max_length": len(ids) + max_new}
+        if temperature > 0:
+            opts.update(do_sample=True, temperature=temperature)
+        else:
+            opts.update(do_sample=False)
+        params.set_search_options(**opts)
+        gen = self.og.Generator(self.model, params)
+        gen.append_tokens(ids)
+        return gen
+
+    def last_logits(self, ids: list[int]) -> np.ndarray:
+        gen = self._generator(ids, 1)
+        return np.array(gen.get_logits()).reshape(-1)
+
+    def greedy(self, ids: list[int], max_new: int, temperature: float = 0.0) -> list[int]:
+        gen = self._generator(ids, max_new, temperature)
+        while not gen.is_done():
+            gen.generate_next_token()
+        return list(gen.get_sequence(0))[len(ids):]
+
+
+def generate_text(onnx_dir: Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
+                  system: str | None = None) -> str:
+    from transformers import AutoTokenizer
+
+    from lorafleet.templates import render_prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(onnx_dir)
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    ids = render_prompt_ids(tok, tok.chat_template, msgs) if tok.chat_template else tok(prompt)["input_ids"]
+    out = OnnxGenerator(onnx_dir).greedy(ids, max_new_tokens, temperature)
+    return tok.decode(out, skip_special_tokens=True)
