@@ -3,7 +3,8 @@
 Seed recipe: alpaca records formatted into one `text` field, SFTTrainer with its default loss
 (and its per-step entropy/accuracy metrics), no packing, every batch padded to max length.
 lorafleet: the same SFTTrainer from `lorafleet train` (completion-only loss, length-grouped
-dynamic padding, lean loss). Both: SmolLM2-135M-Instruct, LoRA r=16 on all linear layers,
+dynamic padding, lean loss). A third row keeps lorafleet's data pipeline but trl's default loss,
+to show where the time goes. Both: SmolLM2-135M-Instruct, LoRA r=16 on all linear layers,
 batch 4, the same learning rate, steps and seed, float32 on CPU.
 
 Reported: real (non-pad) tokens per second, seconds per step, peak RSS (each run in its own
@@ -65,7 +66,7 @@ from train.recipe import run
 a = json.loads(sys.argv[1])
 cfg = load_config(TrainConfig, "examples/cpu-support.yaml", [f"output_dir={a['out']}/adapter",
       f"training.max_steps={a['steps']}", f"training.max_seq_length={a['max_len']}", "training.save_steps=100000",
-      "training.logging_steps=10", "training.warmup_steps=3"])
+      "training.logging_steps=10", "training.warmup_steps=3", f"training.lean_loss={a['lean']}"])
 out = run(cfg, log=lambda m: None)
 r = json.load(open(out / "lorafleet.json"))["results"]
 print("RESULT" + json.dumps({"seconds": r["train_runtime_s"], "tokens": r["tokens_seen"], "steps": r["steps"],
@@ -117,21 +118,24 @@ def main() -> None:
     common = {"data": str(ROOT / "examples/data/support.jsonl"), "steps": args.steps, "max_len": args.max_seq_length}
     print(f"training {args.steps} steps each (SmolLM2-135M, LoRA r=16 all-linear, batch 4, CPU float32)…")
     seed = run_child(SEED, json.dumps({**common, "out": str(work / "seed")}))
-    ours = run_child(OURS, json.dumps({**common, "out": str(work / "lorafleet")}))
+    ours = run_child(OURS, json.dumps({**common, "out": str(work / "lorafleet"), "lean": True}))
+    # ablation: lorafleet's data pipeline with trl's default loss (entropy + accuracy metrics)
+    trl_loss = run_child(OURS, json.dumps({**common, "out": str(work / "trl-loss"), "lean": False}))
     loss = run_child(ANSWER_LOSS, json.dumps({"data": common["data"], "adapters": {
-        "seed": str(work / "seed" / "adapter"), "lorafleet": str(work / "lorafleet" / "adapter")}}))
+        "seed": str(work / "seed" / "adapter"), "lorafleet": str(work / "lorafleet" / "adapter"),
+        "trl-loss": str(work / "trl-loss" / "adapter")}}))
     rows = []
-    for name, r in (("seed recipe", seed), ("lorafleet", ours)):
-        key = "seed" if name == "seed recipe" else "lorafleet"
+    for name, key, r in (("seed recipe", "seed", seed), ("lorafleet, trl's loss", "trl-loss", trl_loss),
+                         ("lorafleet", "lorafleet", ours)):
         rows.append({"trainer": name, "steps": r["steps"], "s/step": r["seconds"] / r["steps"],
                      "tokens/s": r["tokens"] / r["seconds"], "peak RSS MB": r["peak_rss_mb"],
                      "answer loss": loss[key]})
-    ratio = rows[1]["tokens/s"] / rows[0]["tokens/s"]
-    step_ratio = rows[0]["s/step"] / rows[1]["s/step"]
+    ratio = rows[2]["tokens/s"] / rows[0]["tokens/s"]
+    step_ratio = rows[0]["s/step"] / rows[2]["s/step"]
     md = table(rows, ["trainer", "steps", "s/step", "tokens/s", "peak RSS MB", "answer loss"],
                f"train: lorafleet vs seed recipe — {ratio:.2f}× tokens/s, {step_ratio:.2f}× faster steps")
     save("train", {"rows": rows, "tokens_per_s_ratio": ratio, "step_speedup": step_ratio,
-                   "rss_ratio": rows[1]["peak RSS MB"] / rows[0]["peak RSS MB"], "markdown": md,
+                   "rss_ratio": rows[2]["peak RSS MB"] / rows[0]["peak RSS MB"], "markdown": md,
                    "settings": common | {"model": "SmolLM2-135M-Instruct", "lora_r": 16, "batch": 4}})
     bars("train", [r["trainer"] for r in rows],
          {"tokens/s": [r["tokens/s"] for r in rows], "seconds per step": [r["s/step"] for r in rows],

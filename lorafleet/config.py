@@ -96,6 +96,8 @@ class TrainingSection(_Strict):
     packing: bool = Field(False, description="Pack short examples into max_seq_length rows (no padding waste).")
     completion_only_loss: bool = Field(True, description="Loss on the answer tokens only (prompt tokens masked).")
     group_by_length: bool = Field(True, description="Batch examples of similar length to cut padding.")
+    lean_loss: bool = Field(True, description="Plain masked cross-entropy; false: trl's loss, which also logs "
+                            "entropy and token accuracy over the vocabulary every step (slower).")
     dataloader_num_workers: int = 0
 
 

@@ -21,9 +21,14 @@ from lorafleet.config import TrainConfig
 class LeanSFTTrainer(SFTTrainer):
     seen_tokens: int = 0
 
+    lean: bool = True
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.model.training and "attention_mask" in inputs:
             self.seen_tokens += int(inputs["attention_mask"].sum())
+        if not self.lean:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
         inputs["use_cache"] = False
         # Trainer.compute_loss: the model's own shifted cross-entropy over labels != -100,
         # normalised by the token count across gradient-accumulation steps.
@@ -79,5 +84,7 @@ def build_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, rows: list[dict]
     train_ds = Dataset.from_list(rows)
     eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
     args = sft_config(cfg, work, device, use_4bit, has_eval=eval_ds is not None)
-    return LeanSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tokenizer)
+    trainer = LeanSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tokenizer)
+    trainer.lean = cfg.training.lean_loss
+    return trainer

@@ -1,0 +1,87 @@
+"""Merge cost: lorafleet's streaming merge vs peft's merge_and_unload, same base and adapter.
+
+Each method runs in its own process (so peak RSS is its own), three times; the table shows
+the median wall time and peak RSS, and the ratios. Parity checking is off here: it loads extra
+models and would measure the checker, not the merge. The outputs are compared bit for bit.
+
+    python bench/merge.py [--adapter DIR] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import ROOT, bars, run_child, save, table  # noqa: E402
+
+CHILD = r"""
+import json, resource, sys, time
+a = json.loads(sys.argv[1])
+import torch  # imported before the clock starts, for both methods
+from pathlib import Path
+from merge.run import merge_adapter
+t = time.time()
+merge_adapter(Path(a["adapter"]), Path(a["out"]), method=a["method"], dtype="bfloat16", verify=False, overwrite=True,
+              log=lambda m: None)
+print("RESULT" + json.dumps({"seconds": time.time() - t,
+                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+BASELINE = r"""
+import json, resource
+import torch, transformers, peft, safetensors
+print("RESULT" + json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def ensure_adapter() -> Path:
+    ad = ROOT / "runs" / "adapters" / "support"
+    if not (ad / "adapter_model.safetensors").is_file():
+        import subprocess
+
+        subprocess.run([sys.executable, "-m", "train", "examples/cpu-support.yaml", "--set",
+                        "training.max_steps=5"], check=True, cwd=ROOT)
+    return ad
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--adapter", type=Path, default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    adapter = args.adapter or ensure_adapter()
+    work = ROOT / "runs" / "bench-merge"
+    shutil.rmtree(work, ignore_errors=True)
+    results = {}
+    for method in ("peft", "streaming"):
+        runs = [run_child(CHILD, json.dumps({"adapter": str(adapter), "out": str(work / method), "method": method}))
+                for _ in range(args.repeats)]
+        results[method] = {"seconds": statistics.median(r["seconds"] for r in runs),
+                           "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs)}
+    imports = run_child(BASELINE)["peak_rss_mb"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(work / "peft" / "model.safetensors"), load_file(work / "streaming" / "model.safetensors")
+    identical = a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+    rows = [{"method": m, "seconds": r["seconds"], "peak RSS MB": r["peak_rss_mb"],
+             "RSS above imports MB": r["peak_rss_mb"] - imports} for m, r in results.items()]
+    rss_ratio = results["streaming"]["peak_rss_mb"] / results["peak"]["peak_rss_mb"] if "peak" in results else \
+        results["streaming"]["peak_rss_mb"] / results["peft"]["peak_rss_mb"]
+    time_ratio = results["streaming"]["seconds"] / results["peft"]["seconds"]
+    md = table(rows, ["method", "seconds", "peak RSS MB", "RSS above imports MB"],
+               f"merge (SmolLM2-135M bf16): streaming/peft peak RSS {rss_ratio:.2f}×, time {time_ratio:.2f}×, "
+               f"bit-identical: {identical}")
+    save("merge", {"rows": rows, "rss_ratio": rss_ratio, "time_ratio": time_ratio, "bit_identical": identical,
+                   "imports_rss_mb": imports, "adapter": str(adapter), "repeats": args.repeats, "markdown": md})
+    bars("merge", list(results), {"peak RSS (MB)": [r["peak_rss_mb"] for r in results.values()],
+                                  "seconds": [r["seconds"] for r in results.values()]},
+         "merge: peft merge_and_unload vs streaming", {})
+
+
+if __name__ == "__main__":
+    main()
