@@ -10,14 +10,14 @@ export RAY_worker_niceness := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv test test-slow demo bench base image-cpu reliability clean lint
+.PHONY: venv test test-slow demo bench base reliability k8s-check clean lint
 venv: $(STAMP)
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV) $(PYTHON)
 	rm -f $(VENV)/.installed-* && touch $@
 
 base: venv
-	$(VENV)/bin/lorafleet prepare-base --out .cache/base/smollm2-135m-instruct
+	$(VENV)/bin/lorafleet prepare-base
 
 test: venv
 	$(PY) -m pytest -m "not slow" -q tests
@@ -30,6 +30,12 @@ demo: venv
 
 bench: venv
 	$(PY) bench/train.py && $(PY) bench/merge.py && $(PY) bench/onnx.py && $(PY) bench/serve.py && $(PY) bench/report.py
+
+reliability: venv
+	$(PY) bench/reliability.py
+
+k8s-check: venv
+	$(PY) -m lorafleet.k8s_check
 
 lint: venv
 	$(VENV)/bin/hadolint Dockerfile

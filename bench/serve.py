@@ -161,7 +161,7 @@ def ensure_adapters() -> dict[str, Path]:
     return out
 
 
-def lorafleet_cmd(port: int, adapter_dir: Path, resident: int = 8) -> list[str]:
+def lorafleet_cmd(port: int | str, adapter_dir: Path, resident: int = 8) -> list[str]:
     return [sys.executable, "-m", "serve", "--model", "embedded:smollm2-135m-instruct", "--served-model-name",
             BASE_NAME, "--adapters", str(adapter_dir), "--port", str(port),
             "--set", f"engine.dtype={ENGINE['dtype']}", "--set", f"engine.max_model_len={ENGINE['max_model_len']}",
@@ -211,7 +211,7 @@ def main() -> None:
                 stop(proc)
 
     # (a) lorafleet, mixed adapters; then the base alone on the same replica; then cold adapters
-    r, proc, url = measure("lorafleet", lorafleet_cmd(0, work / "adapters"), keep=True)
+    r, proc, url = measure("lorafleet", lorafleet_cmd("{PORT}", work / "adapters"), keep=True)
     try:
         results["lorafleet"] = r
         results["lorafleet, base only"] = asyncio.run(load(url, reqs, args.concurrency, args.max_tokens, True,

@@ -1,9 +1,9 @@
 """Merge an adapter into a base model one tensor at a time.
 
 peft's `merge_and_unload` holds the whole model in memory. Here the base safetensors are read
-tensor by tensor (`safe_open`), `scale · (B @ A)` is added to each targeted weight in float32,
-the result is cast to the output dtype and written straight into the output shard at an
-offset fixed in advance (the safetensors header lists every shape, so it can be written
+tensor by tensor (plain reads at the offsets their header gives), `scale · (B @ A)` is added to
+each targeted weight in float32, the result is cast to the output dtype and written straight
+into the output shard at an offset fixed in advance (the safetensors header lists every shape, so it can be written
 before any data). Peak memory: the largest tensor plus the adapter, whatever the model size.
 
 The arithmetic follows peft's (`W.float() + (B @ A) * scale` with W already in the output dtype,
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
 
 from lorafleet.adapter import AdapterInfo, load_adapter_tensors, strip_peft_prefix
 from lorafleet.errors import UserError
@@ -63,6 +62,26 @@ def _lora_pairs(info: AdapterInfo) -> dict[str, tuple[torch.Tensor, torch.Tensor
     return pairs
 
 
+def read_header(f: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (name -> dtype, shape, offsets) and where its data starts."""
+    with open(f, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_tensor(fh, dtype: str, start: int, end: int, shape: list[int]) -> torch.Tensor:
+    # Plain reads, not mmap: a memory-mapped file keeps every page it touched resident, so
+    # reading a whole model through mmap costs the model's size in RSS.
+    fh.seek(start)
+    buf = bytearray(end - start)
+    fh.readinto(buf)
+    if not buf:
+        return torch.empty(shape, dtype=ST_TO_TORCH[dtype])
+    return torch.frombuffer(buf, dtype=ST_TO_TORCH[dtype]).reshape(shape)
+
+
 def _base_files(base_dir: Path) -> list[Path]:
     files = sorted(base_dir.glob("*.safetensors"))
     if not files:
@@ -78,13 +97,15 @@ def stream_merge(base_dir: Path, info: AdapterInfo, out_dir: Path, dtype: torch.
     files = _base_files(base_dir)
     # 1. plan: every tensor's name, output dtype and shape, in file order; cut into shards
     plan: list[tuple[Path, str, str, list[int]]] = []
+    sources: dict[tuple[Path, str], tuple[str, int, int]] = {}  # (file, name) -> (dtype, start, end)
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                sl = sf.get_slice(name)
-                src = sl.get_dtype()
-                floating = src in ("F32", "F16", "BF16", "F64")
-                plan.append((f, name, ST_DTYPES[dtype] if floating else src, list(sl.get_shape())))
+        header, data_start = read_header(f)
+        for name, meta in header.items():
+            src = meta["dtype"]
+            floating = src in ("F32", "F16", "BF16", "F64")
+            plan.append((f, name, ST_DTYPES[dtype] if floating else src, list(meta["shape"])))
+            a, b = meta["data_offsets"]
+            sources[(f, name)] = (src, data_start + a, data_start + b)
     missing = sorted(set(pairs) - {p[1] for p in plan})
     if missing:
         raise UserError(f"adapter {info.name} targets {missing[:3]}{'…' if len(missing) > 3 else ''}, which the base "
@@ -124,8 +145,10 @@ def stream_merge(base_dir: Path, info: AdapterInfo, out_dir: Path, dtype: torch.
             out.write(hbytes)
             for f, name, dt, shape in shard:
                 if f not in open_files:
-                    open_files = {f: safe_open(str(f), framework="pt")}  # one base file open at a time
-                t = open_files[f].get_tensor(name)
+                    for fh in open_files.values():
+                        fh.close()
+                    open_files = {f: open(f, "rb")}  # one base file open at a time
+                t = read_tensor(open_files[f], *sources[(f, name)], shape)
                 if name in pairs:
                     a, b, scale = pairs[name]
                     if list(b.shape[:1]) + list(a.shape[1:]) != list(t.shape):
@@ -138,11 +161,14 @@ def stream_merge(base_dir: Path, info: AdapterInfo, out_dir: Path, dtype: torch.
                     t = t.to(ST_TO_TORCH[dt]).float() + delta
                     merged += 1
                 t = t.to(ST_TO_TORCH[dt]).contiguous()
-                out.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                if t.numel():
+                    out.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
                 del t
                 done += 1
                 if progress:
                     progress(done, total)
+        for fh in open_files.values():
+            fh.close()
     if len(names) > 1:
         idx = {"metadata": {"total_size": sum((out_dir / n).stat().st_size for n in names)}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(idx, indent=2))

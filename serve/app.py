@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import ValidationError
 
@@ -96,7 +96,9 @@ def _validation_error(e: ValidationError) -> OpenAIError:
     first = e.errors()[0]
     param = ".".join(str(x) for x in first["loc"]) or None
     msg = first["msg"]
-    if first["type"] == "extra_forbidden":
+    if param is None:
+        msg = msg.removeprefix("Value error, ")
+    elif first["type"] == "extra_forbidden":
         msg = f"unknown parameter {param!r}"
     elif first["type"] == "missing":
         msg = f"missing required parameter {param!r}"
@@ -198,7 +200,7 @@ def build_app(fe: Frontend) -> FastAPI:
         raise model_not_found(model_id)
 
     # ------------------------------------------------------------------------------ admin
-    @app.post("/v1/load_lora_adapter")
+    @app.post("/v1/load_lora_adapter", openapi_extra=_body(LoadLoRAAdapterRequest))
     async def load_lora(request: Request):
         try:
             req = LoadLoRAAdapterRequest.model_validate(await _read_json(request, fe.limits.max_body_bytes))
@@ -215,7 +217,7 @@ def build_app(fe: Frontend) -> FastAPI:
             await fe.backend.unload(req.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
-    @app.post("/v1/unload_lora_adapter")
+    @app.post("/v1/unload_lora_adapter", openapi_extra=_body(UnloadLoRAAdapterRequest))
     async def unload_lora(request: Request):
         try:
             req = UnloadLoRAAdapterRequest.model_validate(await _read_json(request, fe.limits.max_body_bytes))
@@ -412,11 +414,11 @@ def build_app(fe: Frontend) -> FastAPI:
         finally:
             slot.__exit__()
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_body(ChatCompletionRequest))
     async def chat(request: Request):
         return await _guarded("chat", request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_body(CompletionRequest))
     async def completions(request: Request):
         return await _guarded("completions", request)
 
@@ -430,9 +432,39 @@ def build_app(fe: Frontend) -> FastAPI:
         except ValueError as e:  # vLLM validates some parameters itself (VLLMValidationError)
             m.requests.labels(route, "-", "400").inc()
             return _err(OpenAIError(400, str(e), param=getattr(e, "parameter", None)))
+        except Exception as e:  # the engine died or its replica went away: a clean, retryable error
+            log.exception("request failed in the engine")
+            m.requests.labels(route, "-", "503").inc()
+            return _err(OpenAIError(503, f"the engine could not serve this request ({type(e).__name__}: "
+                                         f"{str(e)[:200]}); retry shortly", type="server_error",
+                                    code="engine_unavailable", headers={"Retry-After": "5"}))
 
+    _document_bodies(app)
     return app
 
 
-def render_response(obj: Any) -> Response:
-    return JSONResponse(obj)
+BODY_MODELS = (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest)
+
+
+def _body(model) -> dict[str, Any]:
+    # The routes read the body themselves (size limit, clear JSON errors); this documents it.
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _document_bodies(app: FastAPI) -> None:
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        for m in BODY_MODELS:
+            s = m.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps.update(s.pop("$defs", {}))
+            comps[m.__name__] = s
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi

@@ -98,6 +98,7 @@ class AdapterRegistry:
             fs, root = fsspec.core.url_to_fs(src)
             proto = src.split("://", 1)[0]
             out = []
+            fs.invalidate_cache(root)  # a rescan must see adapters uploaded since the last listing
             try:
                 entries = fs.ls(root, detail=False)
             except FileNotFoundError:
