@@ -51,8 +51,6 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
                   tolerance: float | None = None, verify: bool = True, overwrite: bool = False,
                   allow_pickle: bool = False, log: Callable[[str], None] = print,
                   max_shard_bytes: int = 2 * 1024**3) -> Path:
-    from transformers import AutoTokenizer
-
     from lorafleet.models import base_fingerprint, module_shapes
     from merge.streaming import stream_merge, streaming_supported
     from merge.verify import DEFAULT_TOLERANCE, parity_report
@@ -93,13 +91,9 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
             log(f"merging {info.name} into {base_ref} ({dtype}, peft merge_and_unload"
                 f"{': ' + why_not if why_not else ''})")
             stats = _peft_merge(base_dir, info, tmp, DTYPES[dtype], max_shard_bytes)
-        tok = AutoTokenizer.from_pretrained(base_dir)
         # The merged model is prompted the way the adapter was trained: its template becomes
         # the merged model's chat template.
-        template = info.template or tok.chat_template
-        if template:
-            tok.chat_template = template
-        tok.save_pretrained(tmp)
+        template = copy_tokenizer(base_dir, tmp, info.template)
         merge_seconds = time.time() - t0
         report = {"base_model": base_ref, "base_fingerprint": fp["fingerprint"], "adapter": str(adapter),
                   "dtype": dtype, "method": "streaming" if use_streaming else "peft", **stats,
@@ -119,6 +113,33 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"merged model at {out} ({time.time() - t0:.1f}s)")
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def copy_tokenizer(base_dir: Path, out: Path, template: str | None) -> str | None:
+    """Copy the base's tokenizer files; the adapter's template (if any) becomes the chat template.
+
+    Plain file copies, not a transformers round trip: the streaming merge then never imports
+    transformers, which alone costs ~200 MB of RSS.
+    """
+    for f in TOKENIZER_FILES:
+        if (base_dir / f).is_file():
+            shutil.copy2(base_dir / f, out / f)
+    cfg_file = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    if template is None:
+        jinja = out / "chat_template.jinja"
+        return jinja.read_text() if jinja.is_file() else cfg.get("chat_template")
+    if "chat_template" in cfg:  # one source of truth: the .jinja file
+        del cfg["chat_template"]
+        cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    (out / "chat_template.json").unlink(missing_ok=True)
+    (out / "chat_template.jinja").write_text(template)
+    return template
 
 
 def _peft_merge(base_dir: Path, info, tmp: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict:

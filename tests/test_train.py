@@ -218,3 +218,27 @@ def test_resume_after_kill_equals_uninterrupted_run(train_cfg, tmp_path, root):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_qlora_on_cpu_when_asked(train_cfg):
+    """load_in_4bit: true on a CPU is honoured (bitsandbytes NF4), and the adapter is ordinary."""
+    pytest.importorskip("bitsandbytes")
+    from train.recipe import run
+
+    said = []
+    out = run(train_cfg(quantization={"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"},
+                        training__max_steps=2), log=said.append)
+    assert any("QLoRA as asked" in m for m in said)
+    man = json.loads((out / "lorafleet.json").read_text())
+    assert man["hyperparameters"]["quantization"]["used_4bit"] is True
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+
+
+def test_cpu_default_says_it_falls_back(train_cfg):
+    from train.recipe import decide_quantization
+
+    said = []
+    assert decide_quantization(train_cfg(), "cpu", said.append) is False
+    assert "plain LoRA" in said[0]
+    assert decide_quantization(train_cfg(), "cuda", said.append) is True
