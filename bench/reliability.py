@@ -100,6 +100,7 @@ async def drive(url: str, clients: int, seconds: float, models: list[str], stats
                     status, ok = -2, False
                 stats["latencies"].append(time.perf_counter() - t0)
                 stats["status"][status] = stats["status"].get(status, 0) + 1
+                stats["events"].append((time.time(), status))
                 if status == 200 and not ok:
                     stats["malformed"] += 1
                 if status == 200:
@@ -133,7 +134,16 @@ def p99(xs):
 
 
 def new_stats():
-    return {"status": {}, "latencies": [], "malformed": 0, "churn": [], "last_ok": 0.0}
+    return {"status": {}, "latencies": [], "malformed": 0, "churn": [], "last_ok": 0.0, "events": []}
+
+
+def recovery_seconds(events: list[tuple[float, int]], t_kill: float) -> float | None:
+    """From the kill to the first success after the first failure that followed it."""
+    after = sorted(e for e in events if e[0] >= t_kill)
+    first_fail = next((t for t, st in after if st != 200), None)
+    if first_fail is None:
+        return 0.0  # nothing failed
+    return next((t - t_kill for t, st in after if t > first_fail and st == 200), None)
 
 
 def main() -> int:
@@ -194,7 +204,7 @@ def main() -> int:
             s2["last_ok"] = 0.0
             await task
         asyncio.run(phase2())
-        recovery = s2["last_ok"] - s2["t_kill"] if s2["last_ok"] > s2["t_kill"] else None
+        recovery = recovery_seconds(s2["events"], s2["t_kill"])
         ok_after = s2["status"].get(200, 0)
         hangs = s2["status"].get(-1, 0)
         rows.append({"run": "engine killed mid-load", "requests": sum(s2["status"].values()),

@@ -55,7 +55,8 @@ def wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> f
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
+            # 401: up, with API keys configured (the caller has them)
+            if httpx.get(f"{url}/v1/models", timeout=5).status_code in (200, 401):
                 return time.time() - t0
         except httpx.HTTPError:
             pass

@@ -196,3 +196,15 @@ def test_answers_equal_vllm_offline(served, tiny_base):
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert line, proc.stderr[-3000:]
     assert json.loads(line[0][6:]) == ours
+
+
+def test_readme_python_snippet_against_the_server(served, capsys):
+    """The README's client example, pointed at this server and its model names, runs as written."""
+    from test_readme import runnable_blocks
+
+    code = runnable_blocks("python")[0]
+    code = code.replace("http://127.0.0.1:8000/v1", f"{served.url}/v1").replace('"sk-..."', '"sk-test"')
+    code = code.replace('["smollm2", "support", "legal"]', '["tiny", "alpha", "beta"]')
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(" ", 1)[0] for line in out] == ["tiny", "alpha", "beta"]
