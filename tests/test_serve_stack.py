@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -206,5 +207,5 @@ def test_readme_python_snippet_against_the_server(served, capsys):
     code = code.replace("http://127.0.0.1:8000/v1", f"{served.url}/v1").replace('"sk-..."', '"sk-test"')
     code = code.replace('["smollm2", "support", "legal"]', '["tiny", "alpha", "beta"]')
     exec(compile(code, "README.md", "exec"), {})
-    out = capsys.readouterr().out.splitlines()
-    assert [line.split(" ", 1)[0] for line in out] == ["tiny", "alpha", "beta"]
+    out = capsys.readouterr().out  # answers of a random model may hold newlines of their own
+    assert re.findall(r"^(tiny|alpha|beta) ", out, re.M)[:3] == ["tiny", "alpha", "beta"]
