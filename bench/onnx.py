@@ -87,7 +87,7 @@ def main() -> None:
     pt = run_child(DECODE, json.dumps({**common, "engine": "pytorch"}))
     rows.append({"engine": "PyTorch eager fp32", "tokens/s": pt["tokens_per_s"], "vs PyTorch": 1.0,
                  "size MB": sum(f.stat().st_size for f in merged.glob("*.safetensors")) / 2**20,
-                 "max |Δlogits|": 0.0, "greedy match": "-"})
+                 "max abs Δlogits": 0.0, "greedy match": "-"})
     for precision in ("fp32", "int8", "int4"):
         out = work / precision
         if not (out / "onnx_report.json").is_file():
@@ -97,9 +97,9 @@ def main() -> None:
         rows.append({"engine": f"onnxruntime-genai {precision}", "tokens/s": r["tokens_per_s"],
                      "vs PyTorch": r["tokens_per_s"] / pt["tokens_per_s"],
                      "size MB": sum(f.stat().st_size for f in out.glob("model.onnx*")) / 2**20,
-                     "max |Δlogits|": rep["max_abs_logits_diff"],
+                     "max abs Δlogits": rep["max_abs_logits_diff"],
                      "greedy match": f"{rep['greedy_tokens_matched']}/{rep['greedy_tokens_compared']}"})
-    md = table(rows, ["engine", "tokens/s", "vs PyTorch", "size MB", "max |Δlogits|", "greedy match"],
+    md = table(rows, ["engine", "tokens/s", "vs PyTorch", "size MB", "max abs Δlogits", "greedy match"],
                f"ONNX decode, batch 1, {args.new_tokens} new tokens, {args.threads} threads")
     save("onnx", {"rows": rows, "markdown": md, "settings": common})
     bars("onnx", [r["engine"].replace("onnxruntime-genai ", "ort ") for r in rows],

@@ -24,14 +24,15 @@ def main() -> None:
                          text=True, check=True, cwd=ROOT).stdout
     text = replace_block(text, "config-reference:train", ref)
     parts = []
-    for name in ("train", "merge", "onnx", "serve"):
+    for name in ("train", "merge", "onnx", "serve", "reliability"):
         f = RESULTS / f"{name}.json"
         if not f.is_file():
             continue
         r = json.loads(f.read_text())
         m = r["machine"]
+        plot = f"\n\n![{name}](bench/results/{name}.png)" if (RESULTS / f"{name}.png").is_file() else ""
         parts.append(f"**{name}** ({m['cpu']}, {m['cores']} cores, {m['date']}; `python bench/{name}.py`)\n\n"
-                     f"{r['markdown']}\n\n![{name}](bench/results/{name}.png)\n")
+                     f"{r['markdown']}{plot}\n")
     if parts:
         text = replace_block(text, "bench-results", "\n".join(parts))
     readme.write_text(text)
