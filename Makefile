@@ -10,7 +10,7 @@ export RAY_worker_niceness := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv test test-slow demo bench base reliability k8s-check clean lint
+.PHONY: venv test test-slow demo bench base reliability k8s-check image-cpu clean lint
 venv: $(STAMP)
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV) $(PYTHON)
@@ -42,3 +42,6 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) .cache
+
+image-cpu:
+	bash scripts/build-image-cpu.sh

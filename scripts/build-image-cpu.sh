@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Builds the serve-cpu image with podman on a machine that cannot pull base images:
+#   1. a local base image (Debian bookworm + python3 via debootstrap), made once and cached;
+#   2. `podman build --pull=never --target serve-cpu` on top of it, torch's CPU wheel taken from
+#      a local wheel directory when there is one (WHEELS, default /opt/wheels).
+# Needs root, podman, runc and debootstrap (apt-get install podman runc debootstrap).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+IMAGE=${IMAGE:-localhost/lorafleet-serve-cpu:0.1.0}
+BASE=${BASE:-localhost/lorafleet-base:bookworm-py311}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+WHEELS=${WHEELS:-/opt/wheels}
+CACHE=.cache/image
+mkdir -p "$CACHE"
+
+# podman settings for this build only: runc, and a nofile limit within what this process may
+# grant (podman's default asks for more than an unprivileged sandbox allows).
+nofile=$(ulimit -Hn)
+[ "$nofile" = unlimited ] && nofile=1048576
+cat > "$CACHE/containers.conf" <<CONF
+[containers]
+default_ulimits = ["nofile=$nofile:$nofile"]
+[engine]
+runtime = "runc"
+CONF
+export CONTAINERS_CONF="$PWD/$CACHE/containers.conf"
+
+if ! podman image exists "$BASE"; then
+  if [ ! -f "$CACHE/rootfs.tar" ]; then
+    echo "building the base rootfs (debootstrap bookworm + python3), once"
+    rm -rf "$CACHE/rootfs"
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$CACHE/rootfs" "$MIRROR"
+    rm -rf "$CACHE/rootfs/var/cache/apt/archives"/*.deb "$CACHE/rootfs/var/lib/apt/lists"/*
+    tar -C "$CACHE/rootfs" -cf "$CACHE/rootfs.tar" .
+    rm -rf "$CACHE/rootfs"
+  fi
+  podman import --change 'CMD ["/bin/bash"]' "$CACHE/rootfs.tar" "$BASE"
+fi
+
+mounts=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
+args=()
+if [ -d "$WHEELS" ]; then
+  # torch's CPU wheel from the local directory; PyTorch's own index is then not needed
+  # (and may be unreachable): PyPI stands in as the extra index.
+  mounts+=(-v "$WHEELS:/wheels:ro")
+  args+=(--build-arg TORCH_INDEX_URL=https://pypi.org/simple)
+fi
+time podman build --format docker --pull=never --target serve-cpu \
+  --build-arg CPU_BASE_IMAGE="$BASE" "${args[@]}" "${mounts[@]}" -t "$IMAGE" .
+podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "image %s: %.2f GB\n", "'"$IMAGE"'", $1/1e9}'

@@ -1,0 +1,68 @@
+"""The serve-cpu container image (built by `make image-cpu`), started with podman on 127.0.0.1:
+health, then an answer through the openai client with an adapter. Slow: `make test-slow`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+
+IMAGE = os.environ.get("LORAFLEET_IMAGE", "localhost/lorafleet-serve-cpu:0.1.0")
+pytestmark = pytest.mark.slow
+
+
+def _have_image() -> str | None:
+    if not shutil.which("podman"):
+        return "podman is not installed (apt-get install podman runc)"
+    if subprocess.run(["podman", "image", "exists", IMAGE]).returncode != 0:
+        return f"image {IMAGE} not built (make image-cpu)"
+    return None
+
+
+def test_serve_cpu_container_answers_with_an_adapter(tiny_base, tiny_adapters, tmp_path, root):
+    why = _have_image()
+    if why:
+        pytest.skip(why)
+    models, adapters = tmp_path / "base", tmp_path / "adapters"
+    shutil.copytree(tiny_base, models)
+    shutil.copytree(tiny_adapters, adapters)
+    for d in (models, adapters):  # the image runs as UID 1000
+        subprocess.run(["chmod", "-R", "a+rX", str(d)], check=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    name = f"lorafleet-test-{port}"
+    env = dict(os.environ, CONTAINERS_CONF=str(root / ".cache" / "image" / "containers.conf"))
+    cmd = ["podman", "run", "-d", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:8000", "--shm-size=1g",
+           "-v", f"{models}:/models/base:ro", "-v", f"{adapters}:/adapters:ro", "-e", "LORAFLEET_API_KEY=sk-img",
+           IMAGE, "--model", "/models/base", "--served-model-name", "tiny", "--adapters", "/adapters",
+           "--host", "0.0.0.0", "--port", "8000", "--set", "engine.dtype=float32",
+           "--set", "engine.max_model_len=256", "--set", "engine.cpu_kvcache_space_gb=0.5"]
+    t0 = time.time()
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while time.time() - t0 < 420:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        else:
+            logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True, env=env)
+            pytest.fail(f"container not healthy after 420 s:\n{(logs.stdout + logs.stderr)[-3000:]}")
+        ready_s = time.time() - t0
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-img", max_retries=0)
+        assert {m.id for m in client.models.list().data} == {"tiny", "alpha", "beta"}
+        r = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+        assert r.choices[0].message.content and r.usage.completion_tokens > 0
+        print(f"container healthy in {ready_s:.0f}s")
+    finally:
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True, env=env)
