@@ -37,6 +37,7 @@ class Adapter:
     local_path: Path | None = None
     info: AdapterInfo | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    registered: bool = False  # added through the admin API, not found by scanning a source
 
     @property
     def template(self) -> str | None:
@@ -78,9 +79,8 @@ class AdapterRegistry:
         with self._lock:
             # keep adapters registered through the admin API that still exist
             for name, a in self.adapters.items():
-                if name not in found and a.uri and (_is_remote(a.uri) or Path(a.uri).exists()):
-                    if getattr(a, "_admin", False):
-                        found[name] = a
+                if a.registered and name not in found and (_is_remote(a.uri) or Path(a.uri).exists()):
+                    found[name] = a
             for name, a in found.items():
                 old = self.adapters.get(name)
                 if old and old.uri == a.uri:
@@ -137,8 +137,7 @@ class AdapterRegistry:
                 raise OpenAIError(403, f"lora_path {uri} is outside the configured adapter roots "
                                        f"{[str(r) for r in roots]}", type="permission_error", param="lora_path")
             uri = str(p)
-        a = Adapter(name, uri)
-        a._admin = True  # type: ignore[attr-defined]
+        a = Adapter(name, uri, registered=True)
         self.prepare(a)  # gate before it becomes visible
         with self._lock:
             self.adapters[name] = a
