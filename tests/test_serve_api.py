@@ -236,3 +236,20 @@ def test_body_limit_and_per_key_concurrency(stack):
     stack.fe.per_key_in_flight["sk-user"] = 8
     r = post(stack, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 429 and r.headers["retry-after"] == "1"
+
+
+def test_disappearing_adapter_source(stack):
+    """A PVC that goes away: its adapters answer 404 with a clear message, the base keeps serving,
+    and they come back when the path does."""
+    backup = stack.src.with_name("adapters-away")
+    stack.src.rename(backup)
+    try:
+        with pytest.raises(openai.NotFoundError) as e:
+            stack.oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}])
+        assert e.value.body["code"] == "model_not_found"
+        assert {m.id for m in stack.oai.models.list().data} == {"tiny"}
+        assert stack.oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}]).choices
+    finally:
+        backup.rename(stack.src)
+    r = stack.oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert r.choices[0].message.content == "alpha"
