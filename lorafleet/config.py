@@ -247,6 +247,22 @@ def config_reference(kind: type[BaseModel], prefix: str = "") -> list[tuple[str,
             continue
         default = "required" if field.is_required() else (
             repr(field.default_factory()) if field.default_factory else repr(field.default))
-        tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        rows.append((key, tname, default, field.description or ""))
+        rows.append((key, _type_name(ann), default, field.description or ""))
     return rows
+
+
+def _type_name(ann: Any) -> str:
+    """`str | None`, `nf4 / fp4` (a Literal's choices), `list[str] | all-linear`…"""
+    import types
+    import typing
+
+    origin = typing.get_origin(ann)
+    if origin is typing.Literal:
+        return " / ".join(str(a) for a in typing.get_args(ann))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(ann))
+    if ann is type(None):
+        return "None"
+    if origin is not None:
+        return str(ann).replace("typing.", "")
+    return getattr(ann, "__name__", str(ann))
