@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,7 +28,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, save, table  # noqa: E402
-from bench.serve import BASE_NAME, ensure_adapters, free_port, lorafleet_cmd, start, stop, wait  # noqa: E402
+from bench.serve import BASE_NAME, ensure_adapters, lorafleet_cmd, start, stop, wait  # noqa: E402
+from lorafleet.net import free_port  # noqa: E402
 
 ADMIN = "sk-admin-reliability"
 KEY = "sk-user-reliability"
@@ -205,7 +204,6 @@ def main() -> int:
             await task
         asyncio.run(phase2())
         recovery = recovery_seconds(s2["events"], s2["t_kill"])
-        ok_after = s2["status"].get(200, 0)
         hangs = s2["status"].get(-1, 0)
         rows.append({"run": "engine killed mid-load", "requests": sum(s2["status"].values()),
                      "failures": sum(v for k, v in s2["status"].items() if k != 200), "p99 s": p99(s2["latencies"]),
@@ -217,7 +215,6 @@ def main() -> int:
             failures.append("fault: the service did not answer again after the engine was killed")
         if not s2["killed"]:
             failures.append("fault: no engine process found to kill")
-        del ok_after
     finally:
         stop(proc)
     md = table(rows, ["run", "requests", "failures", "p99 s", "recovery s", "note"], "reliability")

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,15 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, RESULTS, save, table  # noqa: E402
+from lorafleet.net import free_port  # noqa: E402
 
 BASE_NAME = "smollm2"
 ENGINE = {"dtype": "auto", "max_model_len": 1024, "max_num_seqs": 32, "kv_gb": 1.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:

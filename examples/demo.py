@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from lorafleet.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "demo"
@@ -74,12 +75,6 @@ def train(name: str, cfg: str) -> Path:
     sh(str(BIN), "train", cfg, "--set", f"output_dir={out}")
     stamp.write_text(digest)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(port: int) -> subprocess.Popen:
@@ -165,7 +160,7 @@ def main() -> int:
             for name, (_, data) in DOMAINS.items():
                 qs = questions(data)
                 base_answers = list(pool.map(lambda q: ask(BASE_NAME, q[0]), qs))
-                ad_answers = list(pool.map(lambda q: ask(name, q[0]), qs))
+                ad_answers = list(pool.map(lambda q, model=name: ask(model, q[0]), qs))
                 table = Table(title=f"domain: {name}", show_lines=True)
                 for col in ("question", f"base ({BASE_NAME})", f"adapter `{name}`", "expected"):
                     table.add_column(col, overflow="fold")

@@ -63,18 +63,14 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
     return out
 
 
-def _prompt_ids(tokenizer, template: str | None) -> list[list[int]]:
-    from merge.verify import probe_ids
-
-    return probe_ids(tokenizer, template)
-
-
 def onnx_parity(model_dir: Path, onnx_dir: Path, gen_tokens: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from merge.verify import probe_ids
+
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = _prompt_ids(tok, tok.chat_template)
+    ids = probe_ids(tok, tok.chat_template)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     og_model = OnnxGenerator(onnx_dir)
     diffs, matched, compared = [], 0, 0

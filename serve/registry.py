@@ -16,7 +16,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from lorafleet.adapter import AdapterInfo, check_against_base, read_adapter
 from lorafleet.errors import UserError

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 
 import httpx
 import openai
 import pytest
+
+from lorafleet.net import free_port
 
 IMAGE = os.environ.get("LORAFLEET_IMAGE", "localhost/lorafleet-serve-cpu:0.1.0")
 pytestmark = pytest.mark.slow
@@ -34,9 +35,7 @@ def test_serve_cpu_container_answers_with_an_adapter(tiny_base, tiny_adapters, t
     shutil.copytree(tiny_adapters, adapters)
     for d in (models, adapters):  # the image runs as UID 1000
         subprocess.run(["chmod", "-R", "a+rX", str(d)], check=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     name = f"lorafleet-test-{port}"
     env = dict(os.environ, CONTAINERS_CONF=str(root / ".cache" / "image" / "containers.conf"))
     cmd = ["podman", "run", "-d", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:8000", "--shm-size=1g",

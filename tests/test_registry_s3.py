@@ -10,20 +10,16 @@ import time
 
 import pytest
 
+from lorafleet.net import free_port
+
 from serve.protocol import OpenAIError
 from serve.registry import AdapterRegistry
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3(tiny_adapters):
     pytest.importorskip("s3fs")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -10,7 +10,6 @@ import asyncio
 import json
 import shutil
 
-import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,14 +19,10 @@ import httpx
 import openai
 import pytest
 
+from lorafleet.net import free_port
+
 ENGINE_FLAGS = ["--set", "engine.dtype=float32", "--set", "engine.max_model_len=256",
                 "--set", "engine.cpu_kvcache_space_gb=0.5", "--set", "engine.max_lora_rank=16"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
