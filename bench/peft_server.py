@@ -32,15 +32,17 @@ def build(base: str, adapters: dict[str, str], base_name: str) -> FastAPI:
 
     def run(body: dict) -> dict:
         ids = torch.tensor([tok(body["prompt"])["input_ids"]])
+        max_new = body.get("max_tokens", 16)
+        kw = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=tok.eos_token_id)
+        if body.get("ignore_eos"):  # vLLM's extension: generate exactly max_tokens
+            kw["min_new_tokens"] = max_new
         with torch.no_grad():
             if body["model"] == base_name:
                 with model.disable_adapter():
-                    out = model.generate(ids, max_new_tokens=body.get("max_tokens", 16), do_sample=False,
-                                         pad_token_id=tok.eos_token_id)
+                    out = model.generate(ids, **kw)
             else:
                 model.set_adapter(body["model"])
-                out = model.generate(ids, max_new_tokens=body.get("max_tokens", 16), do_sample=False,
-                                     pad_token_id=tok.eos_token_id)
+                out = model.generate(ids, **kw)
         new = out[0][ids.shape[1]:]
         return {"id": "cmpl", "object": "text_completion", "created": int(time.time()), "model": body["model"],
                 "choices": [{"index": 0, "text": tok.decode(new, skip_special_tokens=True), "finish_reason": "length",

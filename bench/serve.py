@@ -1,8 +1,9 @@
 """Serving throughput under load: lorafleet vs vLLM's own OpenAI server vs transformers+peft.
 
-One load generator (asyncio, `--concurrency` clients, a fixed list of requests alternating
-between two adapters, greedy, `--max-tokens` each, streamed to measure time to first token)
-runs the same requests against:
+One load generator (asyncio, N concurrent clients for each N in `--concurrency`, a fixed list
+of requests alternating between two adapters, greedy, exactly `--max-tokens` each via vLLM's
+`ignore_eos` so that every server does the same work, streamed to measure time to first
+token) runs the same requests against:
   (a) lorafleet serve (Ray Serve + vLLM), the adapters from a directory
   (b) vLLM's OpenAI server with the same adapters (--lora-modules) and the same engine settings
   (c) bench/peft_server.py: transformers + peft, adapter switched per request, one at a time
@@ -11,7 +12,9 @@ adapter's template), so all do the same work. Then, on lorafleet: the same load 
 model alone (the LoRA overhead), and cold-adapter time to first token with 100 registered
 adapters and 8 resident.
 
-    python bench/serve.py [--concurrency 8] [--requests 32] [--max-tokens 64]
+Both vLLM-based servers get the same engine settings (dtype, context, KV cache, max_loras).
+
+    python bench/serve.py [--concurrency 1,4,16] [--requests-per-client 4] [--max-tokens 64]
 """
 
 from __future__ import annotations
@@ -74,20 +77,15 @@ def requests_for(adapters: dict[str, Path], n: int) -> list[tuple[str, str]]:
     from transformers import AutoTokenizer
 
     from lorafleet.models import resolve_model
+    from lorafleet.quality import questions
     from lorafleet.templates import render
 
     tok = AutoTokenizer.from_pretrained(resolve_model("embedded:smollm2-135m-instruct"))
     per = {}
     for name, path in adapters.items():
         man = json.loads((path / "lorafleet.json").read_text())
-        data = man["data"]["train_file"]
-        qs = []
-        for line in (ROOT / data).read_text().splitlines():
-            r = json.loads(line)
-            msgs = r["messages"][:-1] if "messages" in r else [
-                {"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]}]
-            qs.append(render(tok, man["template"]["text"], msgs, add_generation_prompt=True))
-        per[name] = qs
+        per[name] = [render(tok, man["template"]["text"], msgs, add_generation_prompt=True)
+                     for msgs, _ in questions(ROOT / man["data"]["train_file"])]
     names = list(adapters)
     return [(names[i % len(names)], per[names[i % len(names)]][(i // len(names)) % len(per[names[i % len(names)]])])
             for i in range(n)]
@@ -105,7 +103,7 @@ async def load(url: str, reqs: list[tuple[str, str]], concurrency: int, max_toke
         while queue:
             model, prompt = queue.pop(0)
             body = {"model": model_override or model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                    "stream": stream}
+                    "stream": stream, "ignore_eos": True}
             t0 = time.perf_counter()
             try:
                 if stream:
@@ -156,29 +154,31 @@ def ensure_adapters() -> dict[str, Path]:
     return out
 
 
-def lorafleet_cmd(port: int | str, adapter_dir: Path, resident: int = 8) -> list[str]:
+def lorafleet_cmd(port: int | str, adapter_dir: Path, resident: int = 8, max_loras: int = 2) -> list[str]:
     return [sys.executable, "-m", "serve", "--model", "embedded:smollm2-135m-instruct", "--served-model-name",
             BASE_NAME, "--adapters", str(adapter_dir), "--port", str(port),
             "--set", f"engine.dtype={ENGINE['dtype']}", "--set", f"engine.max_model_len={ENGINE['max_model_len']}",
             "--set", f"engine.max_num_seqs={ENGINE['max_num_seqs']}",
             "--set", f"engine.cpu_kvcache_space_gb={ENGINE['kv_gb']}", "--set", "engine.max_lora_rank=16",
-            "--set", f"engine.max_loras={min(resident, 8)}", "--set", f"max_resident_adapters={resident}"]
+            "--set", f"engine.max_loras={max_loras}", "--set", f"max_resident_adapters={resident}"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--peft-requests", type=int, default=8)
+    ap.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
+    ap.add_argument("--requests-per-client", type=int, default=4)
+    ap.add_argument("--peft-requests-per-client", type=int, default=1,
+                    help="the peft server answers one request at a time: fewer requests suffice")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip", action="append", default=[], help="skip a target: vllm, peft, cold")
     args = ap.parse_args()
     from lorafleet.models import resolve_model
     from serve.engine import pick_dtype
 
+    levels = [int(c) for c in args.concurrency.split(",")]
+    top = max(levels)
     base = resolve_model("embedded:smollm2-135m-instruct")
     adapters = ensure_adapters()
-    reqs = requests_for(adapters, args.requests)
     work = ROOT / "runs" / "bench-serve"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -186,101 +186,126 @@ def main() -> None:
     for name, p in adapters.items():
         (work / "adapters" / name).symlink_to(p)
     dtype = pick_dtype(ENGINE["dtype"])
-    results: dict[str, dict] = {}
+    sweep: dict[str, dict[int, dict]] = {}  # server -> concurrency -> result
+    startup: dict[str, float] = {}
 
-    def measure(label, cmd, env=None, n_reqs=reqs, stream=True, model_override=None, keep=False):
+    def measure(label, cmd, per_client, base_too=False):
         port = free_port()
         cmd = [c.replace("{PORT}", str(port)) for c in cmd]
         log = work / f"{label.split()[0]}.log"
-        proc = start(cmd, log, env)
+        proc = start(cmd, log)
         url = f"http://127.0.0.1:{port}"
         try:
-            ready = wait(url, proc, log)
-            asyncio.run(load(url, n_reqs[:2], 2, 8, stream))  # warm-up (adapters loaded, kernels ready)
-            r = asyncio.run(load(url, n_reqs, args.concurrency, args.max_tokens, stream, model_override))
-            r["startup_s"] = ready
-            print(f"{label}: {r['tokens_per_s']:.1f} tokens/s, p50 {r['latency_p50_s']:.2f}s, errors {r['errors']}")
-            return (r, proc, url) if keep else r
-        finally:
-            if not keep:
-                stop(proc)
-
-    # (a) lorafleet, mixed adapters; then the base alone on the same replica; then cold adapters
-    r, proc, url = measure("lorafleet", lorafleet_cmd("{PORT}", work / "adapters"), keep=True)
-    try:
-        results["lorafleet"] = r
-        results["lorafleet, base only"] = asyncio.run(load(url, reqs, args.concurrency, args.max_tokens, True,
-                                                           model_override=BASE_NAME))
-    finally:
-        stop(proc)
-    results["lorafleet"]["startup_s"] = r["startup_s"]
-    cold = None
-    if "cold" not in args.skip:
-        many = work / "many"
-        many.mkdir()
-        for i in range(100):
-            (many / f"ad{i:03d}").symlink_to(adapters["support" if i % 2 else "legal"])
-        port = free_port()
-        proc = start(lorafleet_cmd(port, many, resident=8), work / "cold.log")
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait(url, proc, work / "cold.log")
-            prompt = reqs[0][1]
-            cold_t, warm_t = [], []
-            for i in range(12):
-                one = [(f"ad{i:03d}", prompt)]
-                cold_t.append(asyncio.run(load(url, one, 1, 4, True))["ttft_p50_s"])
-                warm_t.append(asyncio.run(load(url, one, 1, 4, True))["ttft_p50_s"])
-            cold = {"registered": 100, "resident_max": 8, "cold_ttft_p50_s": statistics.median(cold_t),
-                    "warm_ttft_p50_s": statistics.median(warm_t)}
-            print(f"cold adapter TTFT p50 {cold['cold_ttft_p50_s']:.3f}s vs warm {cold['warm_ttft_p50_s']:.3f}s")
+            startup[label] = wait(url, proc, log)
+            asyncio.run(load(url, requests_for(adapters, 2), 2, 8, True))  # warm-up: adapters loaded, kernels ready
+            for c in levels:
+                reqs = requests_for(adapters, max(2, c * per_client))
+                r = asyncio.run(load(url, reqs, c, args.max_tokens, True))
+                sweep.setdefault(label, {})[c] = r
+                print(f"{label} @ {c} clients: {r['tokens_per_s']:.1f} tokens/s, TTFT p50 {r['ttft_p50_s']:.2f}s, "
+                      f"p99 {r['latency_p99_s']:.2f}s, errors {r['errors']}", flush=True)
+            if base_too:  # the same load on the base model alone: the LoRA overhead
+                reqs = requests_for(adapters, top * per_client)
+                r = asyncio.run(load(url, reqs, top, args.max_tokens, True, model_override=BASE_NAME))
+                sweep.setdefault(f"{label}, base only", {})[top] = r
+                print(f"{label}, base only @ {top}: {r['tokens_per_s']:.1f} tokens/s", flush=True)
         finally:
             stop(proc)
-    # (b) vLLM's own server, same engine settings and adapters
+
+    # (a) lorafleet, (b) vLLM's own server with the same engine settings, (c) transformers + peft
+    measure("lorafleet", lorafleet_cmd("{PORT}", work / "adapters"), args.requests_per_client, base_too=True)
     if "vllm" not in args.skip:
-        results["vLLM server"] = measure("vllm", [
+        measure("vLLM server", [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base, "--served-model-name",
             BASE_NAME, "--host", "127.0.0.1", "--port", "{PORT}", "--dtype", dtype, "--max-model-len",
             str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]), "--kv-cache-memory-bytes",
             str(int(ENGINE["kv_gb"] * 2**30)), "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
-            "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()], "--disable-log-stats"])
-    # (c) transformers + peft, one request at a time
+            "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()], "--disable-log-stats"],
+            args.requests_per_client)
     if "peft" not in args.skip:
-        results["transformers+peft"] = measure("peft", [
+        measure("transformers+peft", [
             sys.executable, "bench/peft_server.py", "--base", base, "--base-name", BASE_NAME, "--port", "{PORT}",
-            *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]],
-            n_reqs=reqs[: args.peft_requests], stream=False)
-    a = results["lorafleet"]["tokens_per_s"]
-    ratios = {"lorafleet_vs_vllm": a / results["vLLM server"]["tokens_per_s"] if "vLLM server" in results else None,
-              "lorafleet_vs_peft": a / results["transformers+peft"]["tokens_per_s"]
-              if "transformers+peft" in results else None,
-              "lora_overhead_mixed_over_base": a / results["lorafleet, base only"]["tokens_per_s"]}
-    rows = [{"server": k, **{c: v.get(c) for c in ("requests", "errors", "tokens_per_s", "ttft_p50_s",
-                                                    "latency_p50_s", "latency_p99_s")}} for k, v in results.items()]
-    md = table(rows, ["server", "requests", "errors", "tokens_per_s", "ttft_p50_s", "latency_p50_s", "latency_p99_s"],
-               f"serve: {args.concurrency} clients, {args.max_tokens} tokens, 2 adapters mixed, dtype {dtype}")
-    md += "\n\n" + " · ".join(f"{k}: {v:.2f}×" for k, v in ratios.items() if v is not None)
+            *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]], args.peft_requests_per_client)
+    cold = None if "cold" in args.skip else cold_adapters(work, adapters)
+
+    def tps(label, c=top):
+        return sweep.get(label, {}).get(c, {}).get("tokens_per_s")
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    ratios = {"lorafleet_vs_vllm": ratio(tps("lorafleet"), tps("vLLM server")),
+              "lorafleet_vs_peft": ratio(tps("lorafleet"), tps("transformers+peft")),
+              "lora_overhead_mixed_over_base": ratio(tps("lorafleet"), tps("lorafleet, base only"))}
+    per_level = {c: {"lorafleet_vs_vllm": ratio(tps("lorafleet", c), tps("vLLM server", c)),
+                     "lorafleet_vs_peft": ratio(tps("lorafleet", c), tps("transformers+peft", c))} for c in levels}
+    rows = [{"server": k, "clients": c, **{m: v.get(m) for m in ("requests", "errors", "tokens_per_s", "ttft_p50_s",
+                                                                 "latency_p50_s", "latency_p99_s")}}
+            for k, by_c in sweep.items() for c, v in by_c.items()]
+    md = table(rows, ["server", "clients", "requests", "errors", "tokens_per_s", "ttft_p50_s", "latency_p50_s",
+                      "latency_p99_s"],
+               f"serve: {args.max_tokens} tokens per request (ignore_eos), 2 adapters mixed, dtype {dtype}")
+    md += f"\n\nat {top} clients: " + " · ".join(f"{k}: {v:.2f}×" for k, v in ratios.items() if v is not None)
+    md += "\n\nlorafleet / vLLM server by clients: " + " · ".join(
+        f"{c}: {r['lorafleet_vs_vllm']:.2f}×" for c, r in per_level.items() if r["lorafleet_vs_vllm"])
     if cold:
         md += (f"\n\ncold adapter (100 registered, 8 resident): time to first token p50 "
                f"{cold['cold_ttft_p50_s']:.3f}s vs {cold['warm_ttft_p50_s']:.3f}s once resident")
-    print(md.split("\n\n", 1)[-1])
-    save("serve", {"results": results, "ratios": ratios, "cold_adapter": cold, "markdown": md,
-                   "settings": {**ENGINE, "dtype": dtype, "concurrency": args.concurrency, "requests": args.requests,
-                                "max_tokens": args.max_tokens}})
+    print(md)
+    save("serve", {"sweep": {k: {str(c): v for c, v in by_c.items()} for k, by_c in sweep.items()},
+                   "startup_s": startup, "ratios": ratios, "ratios_by_clients": per_level, "cold_adapter": cold,
+                   "markdown": md, "settings": {**ENGINE, "dtype": dtype, "concurrency": levels,
+                                                "requests_per_client": args.requests_per_client,
+                                                "max_tokens": args.max_tokens}})
+    plot(sweep, levels)
+
+
+def cold_adapters(work: Path, adapters: dict[str, Path]) -> dict:
+    """Time to first token for an adapter not yet resident: 100 registered, 8 resident at most."""
+    many = work / "many"
+    many.mkdir()
+    for i in range(100):
+        (many / f"ad{i:03d}").symlink_to(adapters["support" if i % 2 else "legal"])
+    port = free_port()
+    proc = start(lorafleet_cmd(port, many, resident=8, max_loras=8), work / "cold.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait(url, proc, work / "cold.log")
+        prompt = requests_for(adapters, 1)[0][1]
+        cold_t, warm_t = [], []
+        for i in range(12):
+            one = [(f"ad{i:03d}", prompt)]
+            cold_t.append(asyncio.run(load(url, one, 1, 4, True))["ttft_p50_s"])
+            warm_t.append(asyncio.run(load(url, one, 1, 4, True))["ttft_p50_s"])
+        cold = {"registered": 100, "resident_max": 8, "cold_ttft_p50_s": statistics.median(cold_t),
+                "warm_ttft_p50_s": statistics.median(warm_t)}
+        print(f"cold adapter TTFT p50 {cold['cold_ttft_p50_s']:.3f}s vs warm {cold['warm_ttft_p50_s']:.3f}s")
+        return cold
+    finally:
+        stop(proc)
+
+
+def plot(sweep: dict[str, dict[int, dict]], levels: list[int]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
-    names = list(results)
-    ax[0].bar(names, [results[n]["tokens_per_s"] for n in names], color="#2b7bba")
-    ax[0].set_title("generated tokens/s")
-    ax[1].bar(names, [results[n]["latency_p50_s"] for n in names], color="#f29e4c")
-    ax[1].set_title("latency p50 (s)")
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for label, by_c in sweep.items():
+        if len(by_c) < 2:
+            continue
+        cs = sorted(by_c)
+        ax[0].plot(cs, [by_c[c]["tokens_per_s"] for c in cs], marker="o", label=label)
+        ax[1].plot(cs, [by_c[c]["ttft_p50_s"] for c in cs], marker="o", label=label)
+    ax[0].set_title("generated tokens/s (higher is better)")
+    ax[1].set_title("time to first token p50, s (lower is better)")
     for x in ax:
-        x.tick_params(axis="x", labelrotation=20, labelsize=8)
-        x.grid(axis="y", alpha=0.3)
+        x.set_xscale("log", base=2)
+        x.set_xticks(levels, [str(c) for c in levels])
+        x.set_xlabel("concurrent clients")
+        x.grid(alpha=0.3)
+    ax[0].legend(fontsize=8)
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
     fig.savefig(RESULTS / "serve.png")

@@ -25,6 +25,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from lorafleet import quality
 from lorafleet.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,16 +50,7 @@ def sh(*args: str, **kw) -> None:
 
 
 def questions(data_file: str) -> list[tuple[list[dict], str]]:
-    """(messages without the answer, expected answer) for every record of a bundled dataset."""
-    out = []
-    for line in (ROOT / data_file).read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
-        if "messages" in r:
-            out.append((r["messages"][:-1], r["messages"][-1]["content"]))
-        else:
-            out.append(([{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]}],
-                        r["output"]))
-    return out
+    return quality.questions(ROOT / data_file)
 
 
 def train(name: str, cfg: str) -> Path:

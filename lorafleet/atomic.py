@@ -7,6 +7,7 @@ never half an adapter or half a model.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -38,6 +39,27 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(e)
+        if full:
+            raise UserError(f"{full} while writing {out}; nothing was written there. Free some space (or raise "
+                            "the quota / volume size) or write to another directory, then run it again") from e
         raise
+
+
+# ENOSPC: the file system is full; EDQUOT: a quota; EFBIG: a file-size limit (ulimit -f).
+_FULL = {errno.ENOSPC: "the disk is full (no space left on device)", errno.EDQUOT: "the disk quota is exceeded",
+         errno.EFBIG: "a file grew past the file-size limit"}
+
+
+def disk_full(e: BaseException) -> str | None:
+    """Name the disk-full condition behind `e`, if any, including errors that libraries re-raise as text."""
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.errno in _FULL:
+            return _FULL[err.errno]
+    text = str(e)
+    for code, why in _FULL.items():
+        if os.strerror(code) in text:  # e.g. safetensors' Rust I/O error carries only the message
+            return why
+    return None

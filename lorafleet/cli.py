@@ -84,11 +84,16 @@ def export_onnx(model: Path = typer.Option(..., help="Merged (or base) model dir
                 out: Path = typer.Option(..., help="Directory for the ONNX model."),
                 precision: str = typer.Option("fp32", help="fp32 | int8 | int4 (weight-only quantization)."),
                 tolerance: float = typer.Option(None, help="Max |Δlogits| vs PyTorch that fails the export."),
+                adapters: Optional[list[Path]] = typer.Option(
+                    None, help="Adapter directory (repeatable): export MODEL (the base) with LoRA inputs and one "
+                               "adapters/NAME.onnx_adapter each, switchable at run time. fp32 only."),
+                allow_pickle: bool = typer.Option(False, help="Accept pickle-only adapter_model.bin files."),
                 overwrite: bool = typer.Option(False)):
     """Export to ONNX (decoder with KV cache) for onnxruntime on edge CPUs; verify parity."""
     from merge.onnx import export_onnx as run
 
-    run(model, out, precision=precision, tolerance=tolerance, overwrite=overwrite, log=log)
+    run(model, out, precision=precision, tolerance=tolerance, overwrite=overwrite, log=log,
+        adapters=adapters or None, allow_pickle=allow_pickle)
 
 
 @app.command()
@@ -97,11 +102,13 @@ def generate(prompt: str = typer.Argument(...),
              onnx: Path = typer.Option(..., help="Exported ONNX model directory."),
              max_new_tokens: int = typer.Option(128),
              temperature: float = typer.Option(0.0),
-             system: Optional[str] = typer.Option(None, help="System message.")):
+             system: Optional[str] = typer.Option(None, help="System message."),
+             adapter: Optional[str] = typer.Option(None, help="Name of an adapter exported with --adapters.")):
     """Generate with an exported ONNX model (onnxruntime-genai), using its chat template."""
     from merge.onnx import generate_text
 
-    typer.echo(generate_text(onnx, prompt, max_new_tokens=max_new_tokens, temperature=temperature, system=system))
+    typer.echo(generate_text(onnx, prompt, max_new_tokens=max_new_tokens, temperature=temperature, system=system,
+                             adapter=adapter))
 
 
 @app.command()

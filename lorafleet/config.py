@@ -181,6 +181,21 @@ class ServeConfig(_Strict):
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     allow_pickle: bool = Field(False, description="Accept pickle-based (.bin) adapters. Off: pickle runs code.")
+    shutdown_grace_s: float = Field(120, ge=0, description="On SIGTERM: how long in-flight requests may finish.")
+    topology: Literal["auto", "fused", "split"] = Field(
+        "auto", description="fused: HTTP and engine in one replica (one hop less, one replica); split: an "
+                            "ingress routes to autoscaled engine replicas; auto: fused when max_replicas is 1.")
+
+    @model_validator(mode="after")
+    def _fused_is_one_replica(self) -> "ServeConfig":
+        if self.topology == "fused" and self.autoscaling.max_replicas > 1:
+            raise ValueError(f"topology fused runs one replica, but autoscaling.max_replicas is "
+                             f"{self.autoscaling.max_replicas}; use topology split (or auto) to scale out")
+        return self
+
+    @property
+    def fused(self) -> bool:
+        return self.topology == "fused" or (self.topology == "auto" and self.autoscaling.max_replicas == 1)
 
 
 # ------------------------------------------------------------------------------------ loading

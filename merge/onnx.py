@@ -28,22 +28,37 @@ DEFAULT_TOLERANCE = {"fp32": 1e-2, "int8": None, "int4": None}
 
 
 def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: float | None = None,
-                overwrite: bool = False, gen_tokens: int = 16, log: Callable[[str], None] = print) -> Path:
+                overwrite: bool = False, gen_tokens: int = 16, log: Callable[[str], None] = print,
+                adapters: list[Path] | None = None, allow_pickle: bool = False) -> Path:
+    """Export `model`; with `adapters`, export it as a base with LoRA inputs plus one .onnx_adapter each."""
+    from merge import onnx_adapters
+
     if precision not in DEFAULT_TOLERANCE:
         raise UserError(f"--precision {precision}: use fp32, int8 or int4")
     model = Path(model)
     if not (model / "config.json").is_file():
         raise UserError(f"{model} is not an HF model directory (no config.json); export a merged model directory")
+    if adapters and precision != "fp32":
+        raise UserError(f"--adapters works with --precision fp32 only: {precision} would quantize the LoRA "
+                        "weights into the graph. Export the base alone for int8/int4, or merge each adapter")
+    infos = onnx_adapters.read_edge_adapters(model, adapters, allow_pickle) if adapters else []
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE[precision]
     t0 = time.time()
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        log(f"exporting {model} to ONNX ({precision}, KV cache, CPU) with onnxruntime-genai's builder")
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(tmp),
-               "-p", precision, "-e", "cpu", "-c", str(tmp / ".cache")]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        if res.returncode != 0:
-            raise UserError(f"ONNX export failed (builder exit {res.returncode}):\n{res.stderr.strip()[-2000:]}")
+        if infos:
+            names = onnx_adapters.export_base_with_lora_inputs(model, tmp, infos, log)
+            for info in infos:
+                log(f"writing {onnx_adapters.ADAPTERS_DIR}/{info.name}.onnx_adapter")
+                onnx_adapters.write_onnx_adapter(info, names, max(i.rank for i in infos),
+                                                 tmp / onnx_adapters.ADAPTERS_DIR)
+        else:
+            log(f"exporting {model} to ONNX ({precision}, KV cache, CPU) with onnxruntime-genai's builder")
+            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(tmp),
+                   "-p", precision, "-e", "cpu", "-c", str(tmp / ".cache")]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            shutil.rmtree(tmp / ".cache", ignore_errors=True)
+            if res.returncode != 0:
+                raise UserError(f"ONNX export failed (builder exit {res.returncode}):\n{res.stderr.strip()[-2000:]}")
         # The builder copies the tokenizer; keep the model's own chat template next to it.
         for f in ("chat_template.jinja", "generation_config.json"):
             if (model / f).is_file():
@@ -51,28 +66,39 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
         export_s = time.time() - t0
         log("checking: ONNX Runtime vs PyTorch float32 logits and greedy tokens on probe prompts")
         report = {"source": str(model), "precision": precision, "export_seconds": round(export_s, 1),
-                  "files_mb": {f.name: round(f.stat().st_size / 2**20, 2) for f in tmp.iterdir() if f.is_file()},
+                  "files_mb": {str(f.relative_to(tmp)): round(f.stat().st_size / 2**20, 2)
+                               for f in sorted(tmp.rglob("*")) if f.is_file()},
                   "tolerance": tol, **onnx_parity(model, tmp, gen_tokens)}
-        log(f"max |Δlogits| {report['max_abs_logits_diff']:.3g}, greedy tokens equal for "
-            f"{report['greedy_tokens_matched']}/{report['greedy_tokens_compared']} tokens")
-        if tol is not None and report["max_abs_logits_diff"] > tol:
-            raise UserError(f"ONNX parity check failed: max |Δlogits| {report['max_abs_logits_diff']:.4g} is above "
-                            f"the tolerance {tol}; nothing was written")
+        checks = [("base", report)]
+        if infos:
+            report["adapters"] = {i.name: onnx_parity(model, tmp, gen_tokens, adapter=i) for i in infos}
+            checks += list(report["adapters"].items())
+        for name, r in checks:
+            log(f"{name}: max |Δlogits| {r['max_abs_logits_diff']:.3g}, greedy tokens equal for "
+                f"{r['greedy_tokens_matched']}/{r['greedy_tokens_compared']} tokens")
+            if tol is not None and r["max_abs_logits_diff"] > tol:
+                raise UserError(f"ONNX parity check failed for {name}: max |Δlogits| {r['max_abs_logits_diff']:.4g} "
+                                f"is above the tolerance {tol}; nothing was written")
         (tmp / "onnx_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"ONNX model at {out} ({time.time() - t0:.0f}s)")
     return out
 
 
-def onnx_parity(model_dir: Path, onnx_dir: Path, gen_tokens: int) -> dict[str, Any]:
+def onnx_parity(model_dir: Path, onnx_dir: Path, gen_tokens: int, adapter=None) -> dict[str, Any]:
+    """ONNX Runtime vs PyTorch float32 (with `adapter`: vs peft base+adapter, unmerged)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merge.verify import probe_ids
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = probe_ids(tok, tok.chat_template)
+    ids = probe_ids(tok, (adapter.template if adapter else None) or tok.chat_template)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    og_model = OnnxGenerator(onnx_dir)
+    if adapter is not None:
+        from peft import PeftModel
+
+        hf = PeftModel.from_pretrained(hf, str(adapter.path))
+    og_model = OnnxGenerator(onnx_dir, adapter=adapter.name if adapter else None)
     diffs, matched, compared = [], 0, 0
     for x in ids:
         with torch.no_grad():
@@ -93,14 +119,24 @@ def onnx_parity(model_dir: Path, onnx_dir: Path, gen_tokens: int) -> dict[str, A
 class OnnxGenerator:
     """Greedy/sampled generation with onnxruntime-genai, prompts rendered like serving does."""
 
-    def __init__(self, onnx_dir: Path):
+    def __init__(self, onnx_dir: Path, adapter: str | None = None):
         import onnxruntime_genai as og
+
+        from merge.onnx_adapters import ADAPTERS_DIR, adapter_names
 
         self.og = og
         self.dir = Path(onnx_dir)
         if not (self.dir / "genai_config.json").is_file():
             raise UserError(f"{onnx_dir} is not an exported ONNX model (no genai_config.json); run export-onnx")
         self.model = og.Model(str(self.dir))
+        self.adapter, self.adapters = adapter, None
+        if adapter is not None:
+            known = adapter_names(self.dir)
+            if adapter not in known:
+                raise UserError(f"adapter {adapter!r} is not in {self.dir / ADAPTERS_DIR} (exported adapters: "
+                                f"{', '.join(known) or 'none; export with --adapters'})")
+            self.adapters = og.Adapters(self.model)
+            self.adapters.load(str(self.dir / ADAPTERS_DIR / f"{adapter}.onnx_adapter"), adapter)
 
     def _generator(self, ids: list[int], max_new: int, temperature: float = 0.0):
         params = self.og.GeneratorParams(self.model)
@@ -111,6 +147,8 @@ class OnnxGenerator:
             opts.update(do_sample=False)
         params.set_search_options(**opts)
         gen = self.og.Generator(self.model, params)
+        if self.adapter is not None:
+            gen.set_active_adapter(self.adapters, self.adapter)
         gen.append_tokens(ids)
         return gen
 
@@ -126,13 +164,17 @@ class OnnxGenerator:
 
 
 def generate_text(onnx_dir: Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
-                  system: str | None = None) -> str:
+                  system: str | None = None, adapter: str | None = None) -> str:
     from transformers import AutoTokenizer
 
     from lorafleet.templates import render_prompt_ids
+    from merge.onnx_adapters import adapter_template
 
+    gen = OnnxGenerator(onnx_dir, adapter=adapter)
     tok = AutoTokenizer.from_pretrained(onnx_dir)
+    # An adapter is prompted with the template it was trained with, like serving does.
+    template = (adapter_template(onnx_dir, adapter) if adapter else None) or tok.chat_template
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    ids = render_prompt_ids(tok, tok.chat_template, msgs) if tok.chat_template else tok(prompt)["input_ids"]
-    out = OnnxGenerator(onnx_dir).greedy(ids, max_new_tokens, temperature)
+    ids = render_prompt_ids(tok, template, msgs) if template else tok(prompt)["input_ids"]
+    out = gen.greedy(ids, max_new_tokens, temperature)
     return tok.decode(out, skip_special_tokens=True)

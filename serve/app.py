@@ -71,6 +71,11 @@ class Frontend:
     per_key_in_flight: defaultdict = field(default_factory=lambda: defaultdict(int))
     draining: bool = False
 
+    def drain(self) -> int:
+        """Refuse new requests (503; /ready fails so load balancers stop sending); return how many run."""
+        self.draining = True
+        return sum(self.per_key_in_flight.values())
+
 
 # ------------------------------------------------------------------------------------ helpers
 def _err(e: OpenAIError) -> JSONResponse:
@@ -263,7 +268,11 @@ def build_app(fe: Frontend) -> FastAPI:
             raise OpenAIError(400, f"n={req.n} is above this server's limit of {fe.limits.max_n}", param="n")
         max_tokens = asked or min(fe.limits.max_tokens, limit - prompt_len)
         p = {"n": req.n, "temperature": req.temperature, "top_p": req.top_p, "max_tokens": max_tokens,
-             "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty}
+             "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+             "min_p": req.min_p, "repetition_penalty": req.repetition_penalty,
+             "min_tokens": min(req.min_tokens, max_tokens), "ignore_eos": req.ignore_eos}
+        if req.top_k is not None:
+            p["top_k"] = req.top_k
         if req.stop_list:
             p["stop"] = req.stop_list
         if req.seed is not None:

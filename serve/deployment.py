@@ -1,4 +1,6 @@
-"""Ray Serve application: an HTTP ingress and autoscaled engine replicas.
+"""Ray Serve application, in one of two shapes (`topology` in the serve config).
+
+split (several replicas):
 
     client ──HTTP──▶ Ingress (FastAPI: auth, limits, registry, templates)
                         │  handle.options(multiplexed_model_id=<adapter>)
@@ -8,6 +10,10 @@
 The ingress names the adapter as the request's multiplexed model id, so Ray Serve routes it
 to a replica that already holds that adapter when there is one (no reload, no swap).
 Requests for different adapters on one replica are batched together by vLLM.
+
+fused (one replica, the default when max_replicas is 1): the same FastAPI app and the engine
+in one replica. With nothing to route, the ingress hop only cost CPU: every streamed chunk
+crossed one more process boundary.
 """
 
 from __future__ import annotations
@@ -107,11 +113,24 @@ class RayBackend:
         await self.handle.health.remote()
 
 
+def _make_server(cfg_json: str, model_path: str, plan: dict[str, Any]) -> ModelServer:
+    c = ServeConfig.model_validate_json(cfg_json)
+    engine = VllmEngine(model_path, c.engine, plan["enable_lora"], plan["max_lora_rank"], plan["max_loras"],
+                        plan["max_cpu_loras"], c.served_model_name or c.model)
+    return ModelServer(engine, c.max_resident_adapters)
+
+
 def build_app(cfg: ServeConfig, model_path: str):
     """The Ray Serve application for `serve.run`."""
     plan = engine_plan(cfg, model_path)
     cfg_json = cfg.model_dump_json()
     max_resident = cfg.max_resident_adapters
+    actor_options = {"num_cpus": cfg.resources.num_cpus, "num_gpus": cfg.resources.num_gpus,
+                     "runtime_env": {"env_vars": {"RAY_worker_niceness": "0", "TOKENIZERS_PARALLELISM": "false"}}}
+    # Ray Serve replaces a replica whose check fails: a dead engine process fails it.
+    health = dict(health_check_period_s=5, health_check_timeout_s=30)
+    if cfg.fused:
+        return _fused_app(cfg_json, model_path, plan, actor_options, health)
 
     @serve.deployment(
         name="LLMServer",
@@ -122,19 +141,13 @@ def build_app(cfg: ServeConfig, model_path: str):
             "upscale_delay_s": cfg.autoscaling.upscale_delay_s,
             "downscale_delay_s": cfg.autoscaling.downscale_delay_s,
         },
-        ray_actor_options={"num_cpus": cfg.resources.num_cpus, "num_gpus": cfg.resources.num_gpus,
-                           "runtime_env": {"env_vars": {"RAY_worker_niceness": "0",
-                                                        "TOKENIZERS_PARALLELISM": "false"}}},
+        ray_actor_options=actor_options,
         max_ongoing_requests=cfg.engine.max_num_seqs * 2,
-        graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=120,
-        health_check_period_s=5, health_check_timeout_s=30,
+        graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=120, **health,
     )
     class LLMServer:
         def __init__(self):
-            c = ServeConfig.model_validate_json(cfg_json)
-            engine = VllmEngine(model_path, c.engine, plan["enable_lora"], plan["max_lora_rank"], plan["max_loras"],
-                                plan["max_cpu_loras"], c.served_model_name or c.model)
-            self.server = ModelServer(engine, max_resident)
+            self.server = _make_server(cfg_json, model_path, plan)
 
         @serve.multiplexed(max_num_models_per_replica=max_resident)
         async def _route_slot(self, model_id: str):
@@ -159,15 +172,10 @@ def build_app(cfg: ServeConfig, model_path: str):
             return self.server.engine.max_model_len
 
         async def check_health(self):
-            # Ray Serve calls this periodically: a dead engine process fails it and the
-            # replica is replaced.
             await self.server.engine.check_health()
 
         def __del__(self):
-            try:
-                self.server.engine.shutdown()
-            except Exception:  # best effort at teardown
-                pass
+            _shutdown(self.server)
 
     def ingress_builder():
         from serve.app import build_app as build_http
@@ -176,6 +184,7 @@ def build_app(cfg: ServeConfig, model_path: str):
         c = ServeConfig.model_validate_json(cfg_json)
         fe = build_frontend(c, model_path, RayBackend(handle), max_model_len=0,
                             max_lora_rank=plan["max_lora_rank"])
+        _REPLICA["frontend"] = fe
         app = build_http(fe)
 
         @app.on_event("startup")
@@ -192,4 +201,48 @@ def build_app(cfg: ServeConfig, model_path: str):
         def __init__(self, llm_server):
             self.llm_server = llm_server  # bound so the engine deployment is part of this app
 
+        async def drain(self) -> int:
+            return _REPLICA["frontend"].drain()
+
     return Ingress.bind(LLMServer.bind())
+
+
+# What the FastAPI factory builds inside a replica, for the deployment class's own methods
+# (health check, drain), which have no other way to reach it.
+_REPLICA: dict[str, Any] = {}
+
+
+def _fused_app(cfg_json: str, model_path: str, plan: dict[str, Any], actor_options: dict, health: dict):
+    def fused_builder():
+        from serve.app import build_app as build_http
+
+        server = _make_server(cfg_json, model_path, plan)
+        fe = build_frontend(ServeConfig.model_validate_json(cfg_json), model_path, LocalBackend(server),
+                            max_model_len=server.engine.max_model_len, max_lora_rank=plan["max_lora_rank"])
+        _REPLICA.update(server=server, frontend=fe)
+        return build_http(fe)
+
+    @serve.deployment(name="LLMServer", num_replicas=1, ray_actor_options=actor_options,
+                      max_ongoing_requests=1000, graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=120,
+                      **health)
+    @serve.ingress(fused_builder)
+    class FusedServer:
+        async def check_health(self):
+            if "server" in _REPLICA:
+                await _REPLICA["server"].engine.check_health()
+
+        async def drain(self) -> int:
+            return _REPLICA["frontend"].drain()
+
+        def __del__(self):
+            if "server" in _REPLICA:
+                _shutdown(_REPLICA["server"])
+
+    return FusedServer.bind()
+
+
+def _shutdown(server: ModelServer) -> None:
+    try:
+        server.engine.shutdown()
+    except Exception:  # best effort at teardown
+        pass

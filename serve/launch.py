@@ -39,6 +39,31 @@ def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = T
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    log("shutting down: finishing in-flight requests")
-    serve.shutdown()  # replicas get graceful_shutdown_timeout_s to drain
+    try:
+        drain(log, cfg.shutdown_grace_s)
+    except Exception as e:  # the app is already gone or broken: nothing left to wait for
+        log(f"could not drain ({e}); shutting down")
+    serve.shutdown()
     ray.shutdown()
+
+
+def drain(log: Callable[[str], None], grace_s: float) -> None:
+    """Stop taking requests and let the running ones finish before anything is torn down.
+
+    Ray Serve's own shutdown stops the HTTP proxies first, which cuts streams that are still
+    being answered; so the ingress refuses new work (503, /ready fails) and is asked how many
+    requests remain until none do or the grace period ends.
+    """
+    from ray import serve
+
+    from serve.deployment import APP_NAME
+
+    handle = serve.get_app_handle(APP_NAME)
+    deadline = time.time() + grace_s
+    running = handle.drain.remote().result()
+    log(f"shutting down: {running} request(s) in flight; new ones get 503 (up to {grace_s:.0f}s to finish)")
+    while running and time.time() < deadline:
+        time.sleep(0.25)
+        running = handle.drain.remote().result()
+    if running:
+        log(f"grace period over: {running} request(s) cut short")

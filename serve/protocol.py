@@ -47,6 +47,12 @@ class _Request(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    # vLLM's sampling extensions (the openai client sends them in `extra_body`).
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
     # Accepted for client compatibility; no effect here.
     logit_bias: dict[str, float] | None = None
     metadata: dict[str, Any] | None = None

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import resource
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,3 +119,46 @@ def test_dora_goes_through_peft(tiny_base, tmp_path):
     out = merge_adapter(ad, tmp_path / "m", base=str(tiny_base), dtype="float16", **quiet)
     rep = json.loads((out / "merge_report.json").read_text())
     assert rep["method"] == "peft" and rep["parity"]["greedy_tokens_agree"]
+
+
+def _merge_cmd(tiny_base, adapter, out):
+    return [sys.executable, "-m", "lorafleet.cli", "merge", "--base", str(tiny_base), "--adapter", str(adapter),
+            "--out", str(out), "--dtype", "float32"]
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_file_size_limit_during_merge_leaves_nothing(tiny_base, tiny_adapters, tmp_path, root):
+    """A write that fails half-way (ulimit -f): a clear error, no output, no temp dir left."""
+    out = tmp_path / "m"
+    res = subprocess.run(_merge_cmd(tiny_base, tiny_adapters / "alpha", out), cwd=root, capture_output=True,
+                         text=True, preexec_fn=_limit_file_size(256 * 1024))
+    said = " ".join((res.stdout + res.stderr).split())
+    assert res.returncode == 2, said[-2000:]
+    assert "a file grew past the file-size limit" in said and "nothing was written" in said, said[-2000:]
+    assert "Traceback" not in said
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_full_disk_during_merge_leaves_nothing(tiny_base, tiny_adapters, tmp_path, root):
+    """A real ENOSPC: the output directory lives on a 512 KiB tmpfs (mounted in a user namespace)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {disk}"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a user namespace here ({probe.stderr.strip()}); "
+                    "the file-size-limit test covers the same path")
+    cmd = " ".join(shlex.quote(c) for c in _merge_cmd(tiny_base, tiny_adapters / "alpha", disk / "m"))
+    script = (f"mount -t tmpfs -o size=512k tmpfs {disk} && {cmd}; echo rc=$?; "
+              f"echo left: $(ls -A {disk}); df -k {disk} | tail -1")
+    res = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=root, capture_output=True, text=True)
+    said = " ".join((res.stdout + res.stderr).split())
+    assert "rc=2" in said, said[-3000:]
+    assert "the disk is full (no space left on device)" in said and "Traceback" not in said
+    assert "left: tmpfs" in said  # nothing after "left:": neither the model nor its temp dir remains

@@ -60,3 +60,50 @@ def test_export_errors(tmp_path):
         export_onnx(tmp_path, tmp_path / "o", precision="fp8", **quiet)
     with pytest.raises(UserError, match="not an exported ONNX model"):
         OnnxGenerator(tmp_path)
+
+
+def test_edge_adapters_hot_swap_on_one_base_graph(tiny_base, tiny_adapters, tmp_path):
+    """One base graph + an .onnx_adapter per adapter (different ranks and targets), each equal to peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = export_onnx(tiny_base, tmp_path / "edge", adapters=[tiny_adapters / "alpha", tiny_adapters / "beta"],
+                      **quiet)
+    rep = json.loads((out / "onnx_report.json").read_text())
+    assert set(rep["adapters"]) == {"alpha", "beta"}
+    for r in [rep, *rep["adapters"].values()]:
+        assert r["max_abs_logits_diff"] < 1e-3
+        assert r["greedy_tokens_matched"] == r["greedy_tokens_compared"] > 0
+    assert (out / "adapters/alpha.onnx_adapter").is_file() and (out / "adapters/beta.onnx_adapter").is_file()
+
+    # Switching adapters on the same loaded graph changes the answer exactly as peft does.
+    ids = [5, 17, 33, 2, 41, 9]
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    with torch.no_grad():
+        want = {"base": base(torch.tensor([ids])).logits[0, -1]}
+        for name in ("alpha", "beta"):
+            pm = PeftModel.from_pretrained(base, str(tiny_adapters / name))
+            want[name] = pm(torch.tensor([ids])).logits[0, -1]
+            base = pm.unload()
+    got = {"base": OnnxGenerator(out).last_logits(ids),
+           **{n: OnnxGenerator(out, adapter=n).last_logits(ids) for n in ("alpha", "beta")}}
+    for name in want:
+        assert abs(want[name].numpy() - got[name]).max() < 1e-3, name
+    assert abs(got["alpha"] - got["beta"]).max() > 1e-2  # the adapters really differ
+    assert isinstance(generate_text(out, "hello", max_new_tokens=4, adapter="beta"), str)
+    with pytest.raises(UserError, match="not in .*exported adapters: alpha, beta"):
+        OnnxGenerator(out, adapter="gamma")
+
+
+def test_edge_adapters_refusals(tiny_base, tiny_adapters, tmp_path):
+    with pytest.raises(UserError, match="fp32 only"):
+        export_onnx(tiny_base, tmp_path / "e", precision="int4", adapters=[tiny_adapters / "alpha"], **quiet)
+    dora = tmp_path / "dora"
+    import shutil
+
+    shutil.copytree(tiny_adapters / "alpha", dora)
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps(dict(cfg, use_dora=True)))
+    with pytest.raises(UserError, match="DoRA.*merge it"):
+        export_onnx(tiny_base, tmp_path / "e", adapters=[dora], **quiet)
+    assert not (tmp_path / "e").exists()

@@ -128,7 +128,19 @@ def test_n_stop_seed_reach_the_engine(stack):
     assert len(r.choices) == 2
     params = stack.engine.calls[-1][1]
     assert params == {"n": 2, "temperature": 0.5, "top_p": 0.9, "max_tokens": 5, "presence_penalty": 0.0,
-                      "frequency_penalty": 0.0, "stop": ["x"], "seed": 3}
+                      "frequency_penalty": 0.0, "stop": ["x"], "seed": 3, "min_p": 0.0, "repetition_penalty": 1.0,
+                      "min_tokens": 0, "ignore_eos": False}
+
+
+def test_vllm_sampling_extensions_reach_the_engine(stack):
+    """vLLM's extra sampling fields, as the openai client sends them (extra_body)."""
+    stack.oai.completions.create(model="tiny", prompt="hello", max_tokens=4, extra_body={
+        "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 9, "ignore_eos": True})
+    params = stack.engine.calls[-1][1]
+    assert (params["top_k"], params["min_p"], params["repetition_penalty"], params["ignore_eos"]) == (5, 0.1, 1.2, True)
+    assert params["min_tokens"] == 4  # never above max_tokens
+    with pytest.raises(openai.BadRequestError, match="repetition_penalty"):
+        stack.oai.completions.create(model="tiny", prompt="hello", extra_body={"repetition_penalty": 0})
 
 
 def test_errors_have_openai_shape(stack):

@@ -40,9 +40,12 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240
     raise TimeoutError(f"server not ready after {timeout}s:\n{log.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="module")
-def served(tiny_base, tiny_adapters, tmp_path_factory, root):
-    """Adapters: alpha, beta (random, made by plain peft) and trained (made by `lorafleet train`)."""
+@pytest.fixture(scope="module", params=["fused", "split"])
+def served(request, tiny_base, tiny_adapters, tmp_path_factory, root):
+    """Adapters: alpha, beta (random, made by plain peft) and trained (made by `lorafleet train`).
+
+    Both topologies: fused (HTTP and engine in one replica) and split (an ingress in front of
+    the engine deployment, as when autoscaling)."""
     from lorafleet.config import TrainConfig
     from train.recipe import run
 
@@ -60,7 +63,8 @@ def served(tiny_base, tiny_adapters, tmp_path_factory, root):
     env = dict(os.environ, LORAFLEET_API_KEY="sk-test", LORAFLEET_ADMIN_KEY="sk-admin",
                LORAFLEET_CACHE=str(work / "cache"), RAY_worker_niceness="0")
     proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(tiny_base), "--served-model-name", "tiny",
-                             "--adapters", str(src), "--port", str(port), *ENGINE_FLAGS],
+                             "--adapters", str(src), "--port", str(port), *ENGINE_FLAGS,
+                             "--set", f"topology={request.param}"],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=root,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -99,6 +103,9 @@ def test_models_chat_completions_stream(served):
     assert chunks[-1].usage.completion_tokens == 12
     r = c.chat.completions.create(model="alpha", messages=MSGS, max_tokens=6, n=2, temperature=0.9, seed=1)
     assert len(r.choices) == 2
+    r = c.completions.create(model="beta", prompt=PROMPTS[0], max_tokens=20, temperature=0,
+                             extra_body={"ignore_eos": True, "top_k": 1, "repetition_penalty": 1.1})
+    assert r.usage.completion_tokens == 20 and r.choices[0].finish_reason == "length"
 
 
 def test_errors_from_the_real_stack(served):
@@ -204,3 +211,33 @@ def test_readme_python_snippet_against_the_server(served, capsys):
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out  # answers of a random model may hold newlines of their own
     assert re.findall(r"^(tiny|alpha|beta) ", out, re.M)[:3] == ["tiny", "alpha", "beta"]
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(served):
+    """SIGTERM while a request streams: it runs to its last token, then the server exits.
+    (The module's last test: it stops the server.)"""
+    c = served.client
+    streaming, got = threading.Event(), {}
+
+    def long_request():
+        try:
+            stream = c.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=150, temperature=0,
+                                          stream=True, stream_options={"include_usage": True},
+                                          extra_body={"ignore_eos": True})
+            chunks = []
+            for ch in stream:
+                chunks.append(ch)
+                streaming.set()
+            got["tokens"] = chunks[-1].usage.completion_tokens
+        except Exception as e:  # reported by the assertions below
+            got["error"] = e
+        finally:
+            streaming.set()
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    assert streaming.wait(60)
+    served.proc.send_signal(signal.SIGTERM)
+    t.join(120)
+    assert got.get("tokens") == 150, got
+    assert served.proc.wait(timeout=120) == 0

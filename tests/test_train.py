@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 import torch
@@ -182,42 +186,92 @@ def test_train_rejects_unknown_target_module(train_cfg):
     assert not (cfg.output_dir and __import__("pathlib").Path(cfg.output_dir).exists())
 
 
-KILL_AT_STEP = """
+KILLABLE_RUN = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 import train.sft as sft
-orig = sft.build_trainer
-class Kill(TrainerCallback):
+MODE, STEP = {mode!r}, 4
+
+class Marks(TrainerCallback):
+    def on_train_begin(self, args, state, control, **kw):
+        print("TRAIN_BEGIN", flush=True)
     def on_save(self, args, state, control, **kw):
-        if state.global_step == 4:
-            os.kill(os.getpid(), signal.SIGKILL)   # a hard crash right after checkpoint 4
-def patched(*a, **k):
-    t = orig(*a, **k); t.add_callback(Kill()); return t
-sft.build_trainer = patched
+        if MODE == "after_save" and state.global_step == STEP:
+            os.kill(os.getpid(), signal.SIGKILL)   # right after checkpoint 4 is complete
+
+orig_build = sft.build_trainer
+def build(*a, **k):
+    t = orig_build(*a, **k); t.add_callback(Marks()); return t
+sft.build_trainer = build
+
+orig_save_opt = Trainer._save_optimizer_and_scheduler
+def save_opt(self, output_dir):
+    if MODE == "mid_save" and self.state.global_step == STEP:
+        os.kill(os.getpid(), signal.SIGKILL)       # checkpoint 4 has its weights, not its optimizer or state
+    return orig_save_opt(self, output_dir)
+Trainer._save_optimizer_and_scheduler = save_opt
+
 from lorafleet.config import TrainConfig
 from train.recipe import run
 run(TrainConfig.model_validate_json({cfg!r}), log=print)
 """
 
 
-def test_resume_after_kill_equals_uninterrupted_run(train_cfg, tmp_path, root):
+def _start_training(cfg, root, mode):
+    return subprocess.Popen([sys.executable, "-c", KILLABLE_RUN.format(root=str(root), cfg=cfg.model_dump_json(),
+                                                                       mode=mode)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=root)
+
+
+def _wait_for_training(proc) -> float:
+    """Block until the trainer starts; return that moment."""
+    for line in proc.stdout:
+        if "TRAIN_BEGIN" in line:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            return time.monotonic()
+    raise AssertionError(f"training never started (exit {proc.wait()})")
+
+
+def _assert_same_adapter(a_dir, b_dir, why):
+    a = load_file(a_dir / "adapter_model.safetensors")
+    b = load_file(b_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys(), why
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{why}: {k}: {m}")
+
+
+def test_kill_9_then_resume_equals_uninterrupted_run(train_cfg, tmp_path, root):
+    """SIGKILL right after a checkpoint, in the middle of writing one, and at a random moment;
+    each time `--resume` must end with the adapter an uninterrupted run writes."""
     from train.recipe import run
 
     common = dict(training__max_steps=8, training__save_steps=2)
-    straight = run(train_cfg(output_dir=str(tmp_path / "straight"), **common), log=lambda m: None)
-    cfg = train_cfg(output_dir=str(tmp_path / "resumed"), **common)
-    proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP.format(root=str(root), cfg=cfg.model_dump_json())],
-                          capture_output=True, text=True, cwd=root)
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    assert not (tmp_path / "resumed").exists()  # the crash left no half-written adapter
-    assert (tmp_path / "resumed.checkpoints" / "checkpoint-4").is_dir()
-    resumed = run(cfg, resume=True, log=lambda m: None)
-    a = load_file(straight / "adapter_model.safetensors")
-    b = load_file(resumed / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    straight_cfg = train_cfg(output_dir=str(tmp_path / "straight"), **common)
+    proc = _start_training(straight_cfg, root, "none")
+    began = _wait_for_training(proc)
+    assert proc.wait() == 0
+    train_window = time.monotonic() - began
+    straight = tmp_path / "straight"
+
+    seed = int(os.environ.get("LORAFLEET_KILL_SEED", random.SystemRandom().randrange(10**6)))
+    moment = random.Random(seed).uniform(0, train_window)
+    for mode in ("after_save", "mid_save", "random"):
+        cfg = train_cfg(output_dir=str(tmp_path / mode), **common)
+        why = f"kill {mode}" + (f" {moment:.2f}s into {train_window:.1f}s of training "
+                                f"(LORAFLEET_KILL_SEED={seed})" if mode == "random" else "")
+        proc = _start_training(cfg, root, mode)
+        _wait_for_training(proc)
+        if mode == "random":
+            time.sleep(moment)
+            proc.kill()
+        assert proc.wait() in (-9, 0), why  # 0: the random moment fell after the end
+        if mode != "random":
+            assert not (tmp_path / mode).exists(), f"{why}: the crash left a half-written adapter"
+        if mode == "mid_save":
+            assert not (tmp_path / "mid_save.checkpoints/checkpoint-4/trainer_state.json").exists()
+        resumed = run(cfg, resume=True, log=lambda m: None)
+        _assert_same_adapter(straight, resumed, why)
 
 
 def test_qlora_on_cpu_when_asked(train_cfg):

@@ -103,6 +103,19 @@ def lora_config(cfg: TrainConfig, model):
 
 
 # -------------------------------------------------------------------------------------- the run
+def latest_complete_checkpoint(work: Path, log: LOG) -> str | None:
+    """The newest checkpoint the Trainer finished writing; a kill mid-save leaves a partial one.
+
+    The Trainer writes a checkpoint in place and `trainer_state.json` last, so a checkpoint
+    without it was cut short: it is removed (the step is trained again) rather than loaded.
+    """
+    ckpts = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    while ckpts and not (ckpts[-1] / "trainer_state.json").is_file():
+        log(f"{ckpts[-1].name} was not finished (the run stopped while saving it): removing it")
+        shutil.rmtree(ckpts.pop())
+    return str(ckpts[-1]) if ckpts else None
+
+
 def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -160,12 +173,8 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     trainer = build_trainer(cfg, model, tokenizer, rows, eval_rows, work, device, use_4bit)
     last_ckpt = None
     if resume:
-        ckpts = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        if ckpts:
-            last_ckpt = str(ckpts[-1])
-            log(f"resuming from {last_ckpt}")
-        else:
-            log("--resume: no checkpoint yet, starting from the beginning")
+        last_ckpt = latest_complete_checkpoint(work, log)
+        log(f"resuming from {last_ckpt}" if last_ckpt else "--resume: no checkpoint yet, starting from the beginning")
     result = trainer.train(resume_from_checkpoint=last_ckpt)
     train_seconds = time.time() - t_start
     metrics = dict(result.metrics)
