@@ -170,7 +170,9 @@ def main() -> None:
     ap.add_argument("--peft-requests-per-client", type=int, default=1,
                     help="the peft server answers one request at a time: fewer requests suffice")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--skip", action="append", default=[], help="skip a target: vllm, peft, cold")
+    ap.add_argument("--skip", action="append", default=[], help="skip a target: lorafleet, vllm, peft, cold")
+    ap.add_argument("--keep-previous", action="store_true",
+                    help="fill the skipped targets from the last bench/results/serve.json (same settings)")
     args = ap.parse_args()
     from lorafleet.models import resolve_model
     from serve.engine import pick_dtype
@@ -189,7 +191,7 @@ def main() -> None:
     sweep: dict[str, dict[int, dict]] = {}  # server -> concurrency -> result
     startup: dict[str, float] = {}
 
-    def measure(label, cmd, per_client, base_too=False):
+    def measure(label, cmd, per_client, base_too=False, stream=True):
         port = free_port()
         cmd = [c.replace("{PORT}", str(port)) for c in cmd]
         log = work / f"{label.split()[0]}.log"
@@ -197,10 +199,10 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             startup[label] = wait(url, proc, log)
-            asyncio.run(load(url, requests_for(adapters, 2), 2, 8, True))  # warm-up: adapters loaded, kernels ready
+            asyncio.run(load(url, requests_for(adapters, 2), 2, 8, stream))  # warm-up: adapters loaded, kernels ready
             for c in levels:
                 reqs = requests_for(adapters, max(2, c * per_client))
-                r = asyncio.run(load(url, reqs, c, args.max_tokens, True))
+                r = asyncio.run(load(url, reqs, c, args.max_tokens, stream))
                 sweep.setdefault(label, {})[c] = r
                 print(f"{label} @ {c} clients: {r['tokens_per_s']:.1f} tokens/s, TTFT p50 {r['ttft_p50_s']:.2f}s, "
                       f"p99 {r['latency_p99_s']:.2f}s, errors {r['errors']}", flush=True)
@@ -213,7 +215,8 @@ def main() -> None:
             stop(proc)
 
     # (a) lorafleet, (b) vLLM's own server with the same engine settings, (c) transformers + peft
-    measure("lorafleet", lorafleet_cmd("{PORT}", work / "adapters"), args.requests_per_client, base_too=True)
+    if "lorafleet" not in args.skip:
+        measure("lorafleet", lorafleet_cmd("{PORT}", work / "adapters"), args.requests_per_client, base_too=True)
     if "vllm" not in args.skip:
         measure("vLLM server", [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base, "--served-model-name",
@@ -225,8 +228,16 @@ def main() -> None:
     if "peft" not in args.skip:
         measure("transformers+peft", [
             sys.executable, "bench/peft_server.py", "--base", base, "--base-name", BASE_NAME, "--port", "{PORT}",
-            *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]], args.peft_requests_per_client)
+            *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]], args.peft_requests_per_client,
+            stream=False)  # it answers whole responses: time to first token = latency
     cold = None if "cold" in args.skip else cold_adapters(work, adapters)
+    if args.keep_previous and (RESULTS / "serve.json").is_file():
+        prev = json.loads((RESULTS / "serve.json").read_text())
+        for label, by_c in prev.get("sweep", {}).items():
+            if label not in sweep:
+                sweep[label] = {int(c): v for c, v in by_c.items()}
+                startup[label] = prev.get("startup_s", {}).get(label)
+        cold = cold or prev.get("cold_adapter")
 
     def tps(label, c=top):
         return sweep.get(label, {}).get(c, {}).get("tokens_per_s")

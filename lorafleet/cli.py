@@ -80,7 +80,8 @@ def merge(base: str = typer.Option(None, help="Base model (HF id or path); defau
 
 @app.command("export-onnx")
 @user_errors
-def export_onnx(model: Path = typer.Option(..., help="Merged (or base) model directory."),
+def export_onnx(model: str = typer.Option(..., help="Merged model directory, or the base (a path, HF id or "
+                                                     "embedded:NAME) with --adapters."),
                 out: Path = typer.Option(..., help="Directory for the ONNX model."),
                 precision: str = typer.Option("fp32", help="fp32 | int8 | int4 (weight-only quantization)."),
                 tolerance: float = typer.Option(None, help="Max |Δlogits| vs PyTorch that fails the export."),

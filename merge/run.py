@@ -34,7 +34,8 @@ def _base_for(adapter_info, base: str | None) -> str:
     return name
 
 
-def _local_base(ref: str) -> Path:
+def local_model_dir(ref: str) -> Path:
+    """A model reference (path, HF id, embedded:NAME) as a local directory, downloading if needed."""
     from lorafleet.models import resolve_model
 
     resolved = resolve_model(ref)
@@ -64,7 +65,7 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
         raise UserError(f"output directory {out} already exists; choose another path or pass --overwrite")
     info = read_adapter(adapter, allow_pickle=allow_pickle)
     base_ref = _base_for(info, base)
-    base_dir = _local_base(base_ref)
+    base_dir = local_model_dir(base_ref)
     cfg = json.loads((base_dir / "config.json").read_text())
     if cfg.get("quantization_config"):
         raise UserError(f"base {base_ref} is a quantized checkpoint ({cfg['quantization_config'].get('quant_method')}); "

@@ -217,8 +217,9 @@ def build_app(fe: Frontend) -> FastAPI:
         if existing and not req.load_inplace:
             raise OpenAIError(400, f"adapter {req.lora_name} is already registered; unload it first or pass "
                                    "load_inplace: true", param="lora_name")
-        await asyncio.to_thread(fe.registry.register, req.lora_name, req.lora_path)
+        await asyncio.to_thread(fe.registry.register, req.lora_name, req.lora_path, req.load_inplace)
         if existing:
+            # Free the old weights here now; other replicas see the new version on their next request.
             await fe.backend.unload(req.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
@@ -247,7 +248,7 @@ def build_app(fe: Frontend) -> FastAPI:
         if a is None:
             raise model_not_found(model)
         await asyncio.to_thread(fe.registry.prepare, a)
-        return {"name": a.name, "path": str(a.local_path)}, a.template or fe.base_template
+        return {"name": a.name, "path": str(a.local_path), "version": a.version}, a.template or fe.base_template
 
     def sampling(req, prompt_len: int) -> dict[str, Any]:
         limit = fe.max_model_len

@@ -197,24 +197,24 @@ class ModelServer:
     def __init__(self, engine: Engine, max_resident: int):
         self.engine = engine
         self.max_resident = max_resident
-        self.resident: OrderedDict[str, tuple[int, str]] = OrderedDict()  # name -> (int id, path), LRU order
+        self.resident: OrderedDict[str, tuple[int, str, str]] = OrderedDict()  # name -> (id, path, version), LRU
         self.in_flight: defaultdict[str, int] = defaultdict(int)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._ids = itertools.count(1)
         self.loads = 0
         self.evictions = 0
 
-    async def ensure_adapter(self, name: str, path: str) -> tuple[tuple[str, int, str], list[str], bool]:
-        """Make `name` resident; returns (engine ref, names evicted, loaded now)."""
-        if name in self.resident and self.resident[name][1] == path:
+    async def ensure_adapter(self, name: str, path: str, version: str = "") -> tuple[tuple[str, int, str], list[str], bool]:
+        """Make `name` resident (these bytes: path and version); returns (engine ref, names evicted, loaded now)."""
+        want = (path, version)
+        if name in self.resident and self.resident[name][1:] == want:
             self.resident.move_to_end(name)
-            int_id, _ = self.resident[name]
-            return (name, int_id, path), [], False
+            return (name, self.resident[name][0], path), [], False
         async with self._locks[name]:  # concurrent first requests: one loads, the others wait
-            if name in self.resident and self.resident[name][1] == path:
+            if name in self.resident and self.resident[name][1:] == want:
                 self.resident.move_to_end(name)
                 return (name, self.resident[name][0], path), [], False
-            if name in self.resident:  # same name, new path: replace it
+            if name in self.resident:  # same name, other bytes (a new path or replaced in place)
                 await self._evict(name)
             evicted = []
             for victim in list(self.resident):
@@ -225,13 +225,13 @@ class ModelServer:
                     evicted.append(victim)
             int_id = next(self._ids)
             await self.engine.add_adapter(name, int_id, path)
-            self.resident[name] = (int_id, path)
+            self.resident[name] = (int_id, path, version)
             self.loads += 1
             log.info("adapter %s loaded (id %d); resident %d/%d", name, int_id, len(self.resident), self.max_resident)
             return (name, int_id, path), evicted, True
 
     async def _evict(self, name: str) -> None:
-        int_id, _ = self.resident.pop(name)
+        int_id = self.resident.pop(name)[0]
         await self.engine.remove_adapter(int_id)
         self.evictions += 1
         log.info("adapter %s evicted (LRU)", name)
@@ -248,7 +248,7 @@ class ModelServer:
         adapter = call.get("adapter")
         ref, evicted, loaded = None, [], False
         if adapter:
-            ref, evicted, loaded = await self.ensure_adapter(adapter["name"], adapter["path"])
+            ref, evicted, loaded = await self.ensure_adapter(adapter["name"], adapter["path"], adapter.get("version", ""))
             self.in_flight[adapter["name"]] += 1
         try:
             yield {"event": "start", "loaded": loaded, "evicted": evicted}

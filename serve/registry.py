@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import re
 import threading
 import time
@@ -37,6 +38,10 @@ class Adapter:
     info: AdapterInfo | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     registered: bool = False  # added through the admin API, not found by scanning a source
+    # Which bytes: the weights file's mtime and size, set by `prepare`. Replicas compare it with
+    # what they hold, so an adapter replaced in place (load_inplace) is reloaded by every
+    # replica on its next request, not only by the one that took the admin call.
+    version: str = ""
 
     @property
     def template(self) -> str | None:
@@ -124,8 +129,10 @@ class AdapterRegistry:
             a = self.adapters.get(name)
         return a
 
-    def register(self, name: str, uri: str) -> Adapter:
-        """Admin load: a new adapter from a path inside a configured root, or a remote URI."""
+    def register(self, name: str, uri: str, refresh: bool = False) -> Adapter:
+        """Admin load: a new adapter from a path inside a configured root, or a remote URI.
+
+        `refresh` (load_inplace): fetch a remote adapter again even if a copy is cached."""
         if not NAME_RE.match(name):
             raise OpenAIError(400, f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-'",
                               param="lora_name")
@@ -137,7 +144,7 @@ class AdapterRegistry:
                                        f"{[str(r) for r in roots]}", type="permission_error", param="lora_path")
             uri = str(p)
         a = Adapter(name, uri, registered=True)
-        self.prepare(a)  # gate before it becomes visible
+        self.prepare(a, refresh=refresh)  # gate before it becomes visible
         with self._lock:
             self.adapters[name] = a
         return a
@@ -147,12 +154,12 @@ class AdapterRegistry:
             return self.adapters.pop(name, None)
 
     # ---------------------------------------------------------------------- fetch and gate
-    def prepare(self, a: Adapter) -> Adapter:
+    def prepare(self, a: Adapter, refresh: bool = False) -> Adapter:
         """Copy a remote adapter locally (once) and run the compatibility gate."""
         if a.info is not None and a.local_path is not None and a.local_path.exists():
             return a
         try:
-            local = self._materialize(a)
+            local = self._materialize(a, refresh)
             size = sum(f.stat().st_size for f in local.iterdir() if f.is_file())
             if size > self.max_adapter_bytes:
                 raise UserError(f"adapter {a.name} is {size / 2**20:.0f} MiB, above the limit "
@@ -166,7 +173,8 @@ class AdapterRegistry:
         except FileNotFoundError as e:
             raise OpenAIError(404, f"adapter {a.name} is no longer at {a.uri} ({e}); rescan the sources",
                               param="model", code="model_not_found") from None
-        a.local_path, a.info = local, info
+        st = info.weights.stat()
+        a.local_path, a.info, a.version = local, info, f"{st.st_mtime_ns:x}-{st.st_size:x}"
         self.rejected.pop(a.name, None)
         return a
 
@@ -186,12 +194,12 @@ class AdapterRegistry:
             raise UserError(f"adapter {info.name} targets {bad}, which the engine cannot apply LoRA to")
         check_against_base(info, self.base_shapes, self.base_fingerprint)
 
-    def _materialize(self, a: Adapter) -> Path:
+    def _materialize(self, a: Adapter, refresh: bool = False) -> Path:
         if not _is_remote(a.uri):
             return Path(a.uri)
         key = hashlib.sha256(a.uri.encode()).hexdigest()[:16]
         dest = self.cache_dir / f"{a.name}-{key}"
-        if (dest / "adapter_config.json").is_file():
+        if (dest / "adapter_config.json").is_file() and not refresh:
             return dest
         tmp = self.cache_dir / f".{dest.name}.tmp-{os.getpid()}"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -209,7 +217,13 @@ class AdapterRegistry:
                     if f.get("size", 0) > self.max_adapter_bytes:
                         raise UserError(f"{f['name']} is larger than limits.max_adapter_bytes")
                     fs.get(f["name"], str(tmp / f["name"].rsplit("/", 1)[-1]))
-        os.replace(tmp, dest)
+        if dest.exists():  # a refresh: swap the new copy in, then drop the old one
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
         return dest
 
     def max_rank(self) -> int:

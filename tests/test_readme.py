@@ -1,7 +1,7 @@
 """The README's runnable snippets (marked `<!-- runnable -->`) run as written, on the tiny model.
 
-Shell lines run with two substitutions: outputs go to a temp dir instead of `runs/`, and
-`lorafleet train` gets the tiny base model and 2 steps. The Python client snippet runs in
+Shell lines run with these substitutions: outputs go to a temp dir instead of `runs/`, the
+embedded base becomes the tiny base, and `lorafleet train` gets the tiny base model and 2 steps. The Python client snippet runs in
 tests/test_serve_stack.py against the real server.
 """
 
@@ -33,7 +33,8 @@ def test_readme_shell_snippets_run(tiny_base, tmp_path):
                 continue
             args = shlex.split(line.split(" #")[0])
             assert args[0] == ".venv/bin/lorafleet", line
-            args = [a.replace("runs/", f"{tmp_path}/runs/") for a in args[1:]]
+            args = [a.replace("runs/", f"{tmp_path}/runs/").replace("embedded:smollm2-135m-instruct", str(tiny_base))
+                    for a in args[1:]]
             if args[0] == "train":
                 args += ["--set", f"base_model={tiny_base}", "--set", "training.max_steps=2",
                          "--set", "training.max_seq_length=128"]
@@ -41,3 +42,4 @@ def test_readme_shell_snippets_run(tiny_base, tmp_path):
                                  text=True, timeout=600)
             assert res.returncode == 0, f"{line}\n{res.stderr[-3000:]}"
     assert (tmp_path / "runs" / "onnx" / "support" / "onnx_report.json").is_file()
+    assert (tmp_path / "runs" / "onnx" / "edge" / "adapters" / "legal.onnx_adapter").is_file()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 
 import openai
 import pytest
@@ -233,6 +234,27 @@ def test_lru_eviction_and_single_load(stack):
     metrics = stack.client.get("/metrics").text
     assert 'lorafleet_adapter_evictions_total{model="alpha"} 1.0' in metrics
     assert 'lorafleet_requests_total{model="beta"' in metrics
+
+
+def test_adapter_replaced_in_place_is_reloaded_by_every_replica(stack, tiny_base):
+    """The version travels with each request: a replica that never saw the admin call still
+    reloads an adapter whose files changed (load_inplace), and keeps one that did not."""
+    from fixtures import make_random_adapter
+
+    def ask():
+        stack.oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+
+    ask()
+    ask()
+    assert stack.engine.added.count("alpha") == 1  # same bytes: loaded once
+    time.sleep(0.01)  # a new mtime for the rewritten weights
+    make_random_adapter(tiny_base, stack.src / "alpha", seed=42, r=8)
+    stack.fe.backend.unload = lambda name: asyncio.sleep(0)  # as if the admin call went to another replica
+    r = post(stack, "/v1/load_lora_adapter", {"lora_name": "alpha", "lora_path": str(stack.src / "alpha"),
+                                              "load_inplace": True}, key="sk-admin")
+    assert r.status_code == 200, r.text
+    ask()
+    assert stack.engine.added.count("alpha") == 2
 
 
 def test_health_reports_a_dead_engine(stack):
