@@ -30,15 +30,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any new directory
     try:
         yield tmp
-        if out.exists():
-            # Move the old one aside first so the swap leaves no moment without a directory
-            # that is either complete-old or complete-new.
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_in(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         full = disk_full(e)
@@ -46,6 +38,20 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
             raise UserError(f"{full} while writing {out}; nothing was written there. Free some space (or raise "
                             "the quota / volume size) or write to another directory, then run it again") from e
         raise
+
+
+def swap_in(new: Path, out: Path) -> None:
+    """Rename the finished directory `new` to `out`, replacing what is there.
+
+    The old one is moved aside first, so there is no moment without a directory that is either
+    complete-old or complete-new."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
 
 
 # ENOSPC: the file system is full; EDQUOT: a quota; EFBIG: a file-size limit (ulimit -f).

@@ -113,7 +113,19 @@ class RayBackend:
         await self.handle.health.remote()
 
 
+def _log_to_stderr() -> None:
+    """In a replica, lorafleet's own messages (adapter loads, evictions, the engine plan) go to
+    stderr, which Ray forwards to the driver's log, next to Ray Serve's and vLLM's."""
+    lf = logging.getLogger("lorafleet")
+    if not lf.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s -- %(message)s"))
+        lf.addHandler(h)
+        lf.setLevel(logging.INFO)
+
+
 def _make_server(cfg_json: str, model_path: str, plan: dict[str, Any]) -> ModelServer:
+    _log_to_stderr()
     c = ServeConfig.model_validate_json(cfg_json)
     engine = VllmEngine(model_path, c.engine, plan["enable_lora"], plan["max_lora_rank"], plan["max_loras"],
                         plan["max_cpu_loras"], c.served_model_name or c.model)

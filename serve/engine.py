@@ -107,6 +107,9 @@ class VllmEngine:
         if enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
                           max_cpu_loras=max(max_cpu_loras, max_loras))
+        log.info("engine: %s, dtype %s, %s", model, kwargs["dtype"],
+                 f"LoRA on (max_lora_rank {max_lora_rank}, max_loras {max_loras})" if enable_lora
+                 else "LoRA off (a base or merged model alone)")
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         self.max_model_len = self.engine.model_config.max_model_len
         self.enable_lora = enable_lora

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import re
 import threading
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafleet.adapter import AdapterInfo, check_against_base, read_adapter
+from lorafleet.atomic import swap_in
 from lorafleet.errors import UserError
 from serve.protocol import OpenAIError
 
@@ -217,13 +217,7 @@ class AdapterRegistry:
                     if f.get("size", 0) > self.max_adapter_bytes:
                         raise UserError(f"{f['name']} is larger than limits.max_adapter_bytes")
                     fs.get(f["name"], str(tmp / f["name"].rsplit("/", 1)[-1]))
-        if dest.exists():  # a refresh: swap the new copy in, then drop the old one
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        swap_in(tmp, dest)  # a refresh replaces the cached copy
         return dest
 
     def max_rank(self) -> int:

@@ -4,6 +4,7 @@ official openai client; answers compared with vLLM's offline `LLM` and the same 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -58,20 +59,26 @@ def served(request, tiny_base, tiny_adapters, tmp_path_factory, root):
         "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0},
         "training": {"max_steps": 3, "logging_steps": 1, "save_steps": 100, "max_seq_length": 128},
         "output_dir": str(src / "trained")}), log=lambda m: None)
+    with lorafleet_serve(["--model", str(tiny_base), "--served-model-name", "tiny", "--adapters", str(src),
+                          "--set", f"topology={request.param}"], work, root) as (url, proc, log):
+        yield type("Served", (), dict(url=url, src=src, work=work, proc=proc, log=log,
+                                      client=openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)))
+
+
+@contextlib.contextmanager
+def lorafleet_serve(args: list[str], work: Path, root: Path):
+    """`python -m serve ARGS` on 127.0.0.1 with test keys; yields (url, process, log) once ready."""
     port = free_port()
     log = work / "server.log"
     env = dict(os.environ, LORAFLEET_API_KEY="sk-test", LORAFLEET_ADMIN_KEY="sk-admin",
                LORAFLEET_CACHE=str(work / "cache"), RAY_worker_niceness="0")
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--model", str(tiny_base), "--served-model-name", "tiny",
-                             "--adapters", str(src), "--port", str(port), *ENGINE_FLAGS,
-                             "--set", f"topology={request.param}"],
+    proc = subprocess.Popen([sys.executable, "-m", "serve", *args, "--port", str(port), *ENGINE_FLAGS],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=root,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, log)
-        yield type("Served", (), dict(url=url, src=src, work=work, proc=proc, log=log,
-                                      client=openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)))
+        yield url, proc, log
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -171,8 +178,8 @@ import json, sys
 from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 a = json.loads(sys.argv[1])
-llm = LLM(model=a["base"], dtype="float32", max_model_len=256, enable_lora=True, max_lora_rank=16, max_loras=2,
-          kv_cache_memory_bytes=512 * 2**20)
+lora = dict(enable_lora=True, max_lora_rank=16, max_loras=2) if a.get("lora", True) else {}
+llm = LLM(model=a["base"], dtype="float32", max_model_len=256, kv_cache_memory_bytes=512 * 2**20, **lora)
 sp = SamplingParams(temperature=0, max_tokens=12)
 out = {}
 for i, (name, path) in enumerate(a["adapters"].items(), 1):
@@ -194,11 +201,35 @@ def test_answers_equal_vllm_offline(served, tiny_base):
             "chat": c.chat.completions.create(model=name, messages=MSGS, max_tokens=12, temperature=0)
             .choices[0].message.content,
         }
-    arg = json.dumps({"base": str(tiny_base), "adapters": names, "prompts": PROMPTS[:1], "messages": MSGS})
+    assert offline_answers(str(tiny_base), names) == ours
+
+
+def offline_answers(base: str, adapters: dict[str, str | None], lora: bool = True) -> dict:
+    arg = json.dumps({"base": base, "adapters": adapters, "prompts": PROMPTS[:1], "messages": MSGS, "lora": lora})
     proc = subprocess.run([sys.executable, "-c", OFFLINE, arg], capture_output=True, text=True, timeout=300)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert line, proc.stderr[-3000:]
-    assert json.loads(line[0][6:]) == ours
+    return json.loads(line[0][6:])
+
+
+def test_merged_model_mode(tiny_base, tiny_adapters, tmp_path, root):
+    """A merged directory served alone: LoRA off, one model, answers equal vLLM's offline LLM on it."""
+    from merge.run import merge_adapter
+
+    merged = merge_adapter(tiny_adapters / "alpha", tmp_path / "merged", base=str(tiny_base), dtype="float32",
+                           log=lambda m: None)
+    with lorafleet_serve(["--model", str(merged), "--served-model-name", "alpha-merged"], tmp_path, root) as (url, _, log):
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["alpha-merged"]
+        ours = {"alpha-merged": {
+            "completion": c.completions.create(model="alpha-merged", prompt=PROMPTS[0], max_tokens=12,
+                                               temperature=0).choices[0].text,
+            "chat": c.chat.completions.create(model="alpha-merged", messages=MSGS, max_tokens=12,
+                                              temperature=0).choices[0].message.content}}
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model="alpha", messages=MSGS, max_tokens=4)
+        assert "LoRA off (a base or merged model alone)" in log.read_text()
+    assert offline_answers(str(merged), {"alpha-merged": None}, lora=False) == ours
 
 
 def test_readme_python_snippet_against_the_server(served, capsys):
