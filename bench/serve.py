@@ -172,7 +172,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip", action="append", default=[], help="skip a target: lorafleet, vllm, peft, cold")
     ap.add_argument("--keep-previous", action="store_true",
-                    help="fill the skipped targets from the last bench/results/serve.json (same settings)")
+                    help="add the last bench/results/serve.json's results for targets and client counts not "
+                         "measured in this run (same settings): e.g. one more --concurrency level")
     args = ap.parse_args()
     from lorafleet.models import resolve_model
     from serve.engine import pick_dtype
@@ -233,11 +234,13 @@ def main() -> None:
     cold = None if "cold" in args.skip else cold_adapters(work, adapters)
     if args.keep_previous and (RESULTS / "serve.json").is_file():
         prev = json.loads((RESULTS / "serve.json").read_text())
-        for label, by_c in prev.get("sweep", {}).items():
-            if label not in sweep:
-                sweep[label] = {int(c): v for c, v in by_c.items()}
-                startup[label] = prev.get("startup_s", {}).get(label)
+        for label, by_c in prev.get("sweep", {}).items():  # what this run measured wins
+            for c, v in by_c.items():
+                sweep.setdefault(label, {}).setdefault(int(c), v)
+            startup.setdefault(label, prev.get("startup_s", {}).get(label))
         cold = cold or prev.get("cold_adapter")
+        levels = sorted({c for by_c in sweep.values() for c in by_c})
+        top = max(levels)
 
     def tps(label, c=top):
         return sweep.get(label, {}).get(c, {}).get("tokens_per_s")
