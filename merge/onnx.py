@@ -72,11 +72,12 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
         report = {"source": str(model), "precision": precision, "export_seconds": round(export_s, 1),
                   "files_mb": {str(f.relative_to(tmp)): round(f.stat().st_size / 2**20, 2)
                                for f in sorted(tmp.rglob("*")) if f.is_file()},
-                  "tolerance": tol, **onnx_parity(model, tmp, gen_tokens)}
-        checks = [("base", report)]
+                  "tolerance": tol}
+        base, per_adapter = onnx_parity(model, tmp, gen_tokens, infos)
+        report.update(base)
         if infos:
-            report["adapters"] = {i.name: onnx_parity(model, tmp, gen_tokens, adapter=i) for i in infos}
-            checks += list(report["adapters"].items())
+            report["adapters"] = per_adapter
+        checks = [("base", report), *per_adapter.items()]
         for name, r in checks:
             log(f"{name}: max |Δlogits| {r['max_abs_logits_diff']:.3g}, greedy tokens equal for "
                 f"{r['greedy_tokens_matched']}/{r['greedy_tokens_compared']} tokens")
@@ -88,36 +89,45 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
     return out
 
 
-def onnx_parity(model_dir: Path, onnx_dir: Path, gen_tokens: int, adapter=None) -> dict[str, Any]:
-    """ONNX Runtime vs PyTorch float32 (with `adapter`: vs peft base+adapter, unmerged)."""
+def onnx_parity(model_dir: Path, onnx_dir: Path, gen_tokens: int, adapters: list = ()) -> tuple[dict, dict]:
+    """ONNX Runtime vs PyTorch float32: the base, then each adapter vs peft base+adapter (unmerged).
+
+    Both models are loaded once; adapters are attached and switched on them in turn."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from merge.verify import probe_ids
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = probe_ids(tok, (adapter.template if adapter else None) or tok.chat_template)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter is not None:
+    onnx_model = OnnxGenerator(onnx_dir)
+
+    def compare(ref_model, template) -> dict[str, Any]:
+        ids = probe_ids(tok, template)
+        diffs, matched, compared = [], 0, 0
+        for x in ids:
+            with torch.no_grad():
+                ref = ref_model(torch.tensor([x])).logits[0, -1].numpy()
+            diffs.append(float(np.abs(ref - onnx_model.last_logits(x)).max()))
+            ref_gen = ref_model.generate(torch.tensor([x]), max_new_tokens=gen_tokens, do_sample=False,
+                                         pad_token_id=tok.pad_token_id or tok.eos_token_id)[0][len(x):].tolist()
+            got_gen = onnx_model.greedy(x, gen_tokens)
+            n = min(len(ref_gen), len(got_gen))
+            matched += next((i for i in range(n) if ref_gen[i] != got_gen[i]), n)
+            compared += n
+        return {"probes": len(ids), "max_abs_logits_diff": max(diffs), "greedy_tokens_matched": matched,
+                "greedy_tokens_compared": compared}
+
+    base = compare(hf, tok.chat_template)
+    per_adapter = {}
+    for info in adapters:
         from peft import PeftModel
 
-        hf = PeftModel.from_pretrained(hf, str(adapter.path))
-    og_model = OnnxGenerator(onnx_dir, adapter=adapter.name if adapter else None)
-    diffs, matched, compared = [], 0, 0
-    for x in ids:
-        with torch.no_grad():
-            ref = hf(torch.tensor([x])).logits[0, -1].numpy()
-        got = og_model.last_logits(x)
-        diffs.append(float(np.abs(ref - got).max()))
-        ref_gen = hf.generate(torch.tensor([x]), max_new_tokens=gen_tokens, do_sample=False,
-                              pad_token_id=tok.pad_token_id or tok.eos_token_id)[0][len(x):].tolist()
-        got_gen = og_model.greedy(x, gen_tokens)
-        n = min(len(ref_gen), len(got_gen))
-        same = next((i for i in range(n) if ref_gen[i] != got_gen[i]), n)
-        matched += same
-        compared += n
-    return {"probes": len(ids), "max_abs_logits_diff": max(diffs), "greedy_tokens_matched": matched,
-            "greedy_tokens_compared": compared}
+        with_adapter = PeftModel.from_pretrained(hf, str(info.path))
+        onnx_model.use(info.name)
+        per_adapter[info.name] = compare(with_adapter, info.template or tok.chat_template)
+        hf = with_adapter.unload()  # the plain base again, for the next adapter
+    return base, per_adapter
 
 
 class OnnxGenerator:
@@ -126,21 +136,29 @@ class OnnxGenerator:
     def __init__(self, onnx_dir: Path, adapter: str | None = None):
         import onnxruntime_genai as og
 
-        from merge.onnx_adapters import ADAPTERS_DIR, adapter_names
-
         self.og = og
         self.dir = Path(onnx_dir)
         if not (self.dir / "genai_config.json").is_file():
             raise UserError(f"{onnx_dir} is not an exported ONNX model (no genai_config.json); run export-onnx")
         self.model = og.Model(str(self.dir))
-        self.adapter, self.adapters = adapter, None
-        if adapter is not None:
+        self.adapter, self.adapters, self.loaded = None, None, set()
+        self.use(adapter)
+
+    def use(self, adapter: str | None) -> "OnnxGenerator":
+        """Generate with this exported adapter from now on (None: the base); each loads once."""
+        from merge.onnx_adapters import ADAPTERS_DIR, adapter_names
+
+        if adapter is not None and adapter not in self.loaded:
             known = adapter_names(self.dir)
             if adapter not in known:
                 raise UserError(f"adapter {adapter!r} is not in {self.dir / ADAPTERS_DIR} (exported adapters: "
                                 f"{', '.join(known) or 'none; export with --adapters'})")
-            self.adapters = og.Adapters(self.model)
+            if self.adapters is None:
+                self.adapters = self.og.Adapters(self.model)
             self.adapters.load(str(self.dir / ADAPTERS_DIR / f"{adapter}.onnx_adapter"), adapter)
+            self.loaded.add(adapter)
+        self.adapter = adapter
+        return self
 
     def _generator(self, ids: list[int], max_new: int, temperature: float = 0.0):
         params = self.og.GeneratorParams(self.model)
