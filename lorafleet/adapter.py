@@ -136,6 +136,20 @@ def lora_module_keys(tensors: dict[str, Any]) -> list[str]:
     return sorted(keys)
 
 
+def lora_pairs(tensors: dict[str, Any], adapter_name: str) -> dict[str, tuple[Any, Any]]:
+    """Base module key (e.g. `model.layers.0.self_attn.q_proj`) -> (lora_A, lora_B); values are
+    whatever `tensors` holds (tensors, or shapes from `AdapterInfo.tensors`)."""
+    pairs = {}
+    for k, a in tensors.items():
+        if ".lora_A." not in k:
+            continue
+        b = tensors.get(k.replace(".lora_A.", ".lora_B."))
+        if b is None:
+            raise UserError(f"adapter {adapter_name}: {k} has no matching lora_B tensor; the adapter is corrupt")
+        pairs[strip_peft_prefix(k.split(".lora_A.")[0])] = (a, b)
+    return pairs
+
+
 def strip_peft_prefix(key: str) -> str:
     for prefix in ("base_model.model.", "base_model."):
         if key.startswith(prefix):

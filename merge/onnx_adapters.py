@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from lorafleet.adapter import AdapterInfo, check_against_base, load_adapter_tensors, read_adapter, strip_peft_prefix
+from lorafleet.adapter import AdapterInfo, check_against_base, load_adapter_tensors, lora_pairs, read_adapter
 from lorafleet.errors import UserError
 
 ADAPTERS_DIR = "adapters"
@@ -73,13 +73,7 @@ def unsupported(info: AdapterInfo) -> str | None:
 
 def module_table(infos: list[AdapterInfo]) -> dict[str, tuple[int, int]]:
     """Every module any adapter touches -> (in_features, out_features)."""
-    table: dict[str, tuple[int, int]] = {}
-    for info in infos:
-        for k, shape in info.tensors.items():
-            if ".lora_A" in k:
-                mod = strip_peft_prefix(k.split(".lora_A")[0])
-                b = next(v for kk, v in info.tensors.items() if kk.startswith(k.split(".lora_A")[0] + ".lora_B"))
-                table[mod] = (shape[-1], b[0])
+    table = {mod: (a[-1], b[0]) for info in infos for mod, (a, b) in lora_pairs(info.tensors, info.name).items()}
     return dict(sorted(table.items()))
 
 
@@ -163,14 +157,8 @@ def write_onnx_adapter(info: AdapterInfo, names: dict[str, dict[str, str]], rank
     """The adapter's A^T and (scale * B)^T, zero-padded to `rank`, under the graph's input names."""
     import onnxruntime as ort
 
-    tensors = load_adapter_tensors(info)
     params = {}
-    for k, a in tensors.items():
-        if ".lora_A" not in k:
-            continue
-        prefix = k.split(".lora_A")[0]
-        mod = strip_peft_prefix(prefix)
-        b = next(v for kk, v in tensors.items() if kk.startswith(prefix + ".lora_B"))
+    for mod, (a, b) in lora_pairs(load_adapter_tensors(info), info.name).items():
         scale = info.scale_for(mod)
         r = a.shape[0]
         a_t = np.zeros((a.shape[1], rank), np.float32)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from lorafleet.adapter import AdapterInfo, load_adapter_tensors, strip_peft_prefix
+from lorafleet.adapter import AdapterInfo, load_adapter_tensors, lora_pairs
 from lorafleet.errors import UserError
 
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -48,18 +48,8 @@ def streaming_supported(info: AdapterInfo) -> str | None:
 
 def _lora_pairs(info: AdapterInfo) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """Base weight key -> (A, B, scale)."""
-    tensors = load_adapter_tensors(info)
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for k, a in tensors.items():
-        if ".lora_A." not in k:
-            continue
-        mod = k.split(".lora_A.")[0]
-        b = tensors.get(k.replace(".lora_A.", ".lora_B."))
-        if b is None:
-            raise UserError(f"adapter {info.name}: {k} has no matching lora_B tensor; the adapter is corrupt")
-        base_mod = strip_peft_prefix(mod)
-        pairs[base_mod + ".weight"] = (a, b, info.scale_for(base_mod))
-    return pairs
+    pairs = lora_pairs(load_adapter_tensors(info), info.name)
+    return {mod + ".weight": (a, b, info.scale_for(mod)) for mod, (a, b) in pairs.items()}
 
 
 def read_header(f: Path) -> tuple[dict[str, Any], int]:
