@@ -29,7 +29,7 @@ demo: venv
 	$(PY) examples/demo.py
 
 bench: venv
-	$(PY) bench/train.py && $(PY) bench/merge.py && $(PY) bench/onnx.py && $(PY) bench/serve.py && $(PY) bench/report.py
+	$(PY) bench/train.py && $(PY) bench/merge.py && $(PY) bench/onnx.py && $(PY) bench/lora_kernel.py && $(PY) bench/serve.py && $(PY) bench/report.py
 
 reliability: venv
 	$(PY) bench/reliability.py

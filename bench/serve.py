@@ -12,7 +12,9 @@ adapter's template), so all do the same work. Then, on lorafleet: the same load 
 model alone (the LoRA overhead), and cold-adapter time to first token with 100 registered
 adapters and 8 resident.
 
-Both vLLM-based servers get the same engine settings (dtype, context, KV cache, max_loras).
+Both vLLM-based servers get the same engine settings (dtype, context, KV cache, max_loras, cores
+reserved from the model's threads) and the same LoRA kernel (lorafleet's vLLM plugin is loaded by
+every vLLM process of this environment; bench/lora_kernel.py compares it with vLLM's stock ops).
 
     python bench/serve.py [--concurrency 1,4,16] [--requests-per-client 4] [--max-tokens 64]
 """
@@ -41,7 +43,15 @@ ENGINE = {"dtype": "auto", "max_model_len": 1024, "max_num_seqs": 32, "kv_gb": 1
 
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-                            env=dict(os.environ, RAY_worker_niceness="0", **(env or {})))
+                            env=dict(os.environ, RAY_worker_niceness="0", **same_cpu_cores(), **(env or {})))
+
+
+def same_cpu_cores() -> dict[str, str]:
+    """Both vLLM servers get the cores lorafleet's engine would use on this machine."""
+    from serve.engine import cpu_reserved_cores
+
+    reserved = cpu_reserved_cores(None)
+    return {} if reserved is None else {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved)}
 
 
 def wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> float:
@@ -268,7 +278,8 @@ def main() -> None:
     print(md)
     save("serve", {"sweep": {k: {str(c): v for c, v in by_c.items()} for k, by_c in sweep.items()},
                    "startup_s": startup, "ratios": ratios, "ratios_by_clients": per_level, "cold_adapter": cold,
-                   "markdown": md, "settings": {**ENGINE, "dtype": dtype, "concurrency": levels,
+                   "markdown": md, "settings": {**ENGINE, "dtype": dtype, **same_cpu_cores(),
+                                                "lora_kernel": os.environ.get("LORAFLEET_LORA_KERNEL", "grouped"), "concurrency": levels,
                                                 "requests_per_client": args.requests_per_client,
                                                 "max_tokens": args.max_tokens}})
     plot(sweep, levels)

@@ -130,6 +130,12 @@ class EngineSection(_Strict):
     max_num_seqs: int = 64
     gpu_memory_utilization: float = 0.85
     cpu_kvcache_space_gb: float = Field(1.0, description="vLLM CPU backend KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_reserved_cores: int | None = Field(
+        None, ge=0,
+        description="vLLM CPU backend: cores kept free of the model's compute threads for the scheduler, the "
+                    "HTTP front end and Ray (VLLM_CPU_NUM_OF_RESERVED_CPU). Unset: 0 on machines with 4 cores or "
+                    "fewer (reserving one would idle a quarter or more of the compute), vLLM's default (one) above.",
+    )
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     enable_lora: bool | None = Field(None, description="Unset: on when adapters are configured.")

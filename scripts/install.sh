@@ -9,10 +9,15 @@ pip="$venv/bin/python -m pip"
 $pip install -q --upgrade pip setuptools wheel
 $pip install -q "torch==2.13.0"
 $pip install -q -e ".[cpu,test]"
+# The build leaves lorafleet.egg-info in the source tree; run from here, Python would read its
+# (possibly stale) metadata before the installed one, and vLLM would miss lorafleet's plugin.
+rm -rf lorafleet.egg-info
 # torchvision/torchaudio/torchcodec from PyPI crash with this torch; nothing here needs them.
 $pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 $venv/bin/python - <<'PY'
 import torch, vllm, ray, transformers, peft, trl
+from importlib.metadata import entry_points
+assert "lorafleet_lora_kernel" in {e.name for e in entry_points(group="vllm.general_plugins")}, "plugin missing"
 print(f"environment ready: torch {torch.__version__}, vllm {vllm.__version__}, ray {ray.__version__}, "
       f"transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}")
 PY
