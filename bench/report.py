@@ -24,14 +24,15 @@ def main() -> None:
                          text=True, check=True, cwd=ROOT).stdout
     text = replace_block(text, "config-reference:train", ref)
     parts = []
-    for name in ("train", "merge", "onnx", "lora_kernel", "serve", "reliability"):
+    for name in ("train", "merge", "onnx", "lora_kernel", "serve", "serve-reserve1", "reliability"):
         f = RESULTS / f"{name}.json"
         if not f.is_file():
             continue
         r = json.loads(f.read_text())
         m = r["machine"]
         plot = f"\n\n![{name}](bench/results/{name}.png)" if (RESULTS / f"{name}.png").is_file() else ""
-        parts.append(f"**{name}** ({m['cpu']}, {m['cores']} cores, {m['date']}; `python bench/{name}.py`)\n\n"
+        script = r.get("command") or f"python bench/{name}.py"
+        parts.append(f"**{name}** ({m['cpu']}, {m['cores']} cores, {m['date']}; `{script}`)\n\n"
                      f"{r['markdown']}{plot}\n")
     if parts:
         text = replace_block(text, "bench-results", "\n".join(parts))

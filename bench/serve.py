@@ -50,7 +50,7 @@ def same_cpu_cores() -> dict[str, str]:
     """Both vLLM servers get the cores lorafleet's engine would use on this machine."""
     from serve.engine import cpu_reserved_cores
 
-    reserved = cpu_reserved_cores(None)
+    reserved = os.environ.get("VLLM_CPU_NUM_OF_RESERVED_CPU", cpu_reserved_cores(None))
     return {} if reserved is None else {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved)}
 
 
@@ -184,6 +184,7 @@ def main() -> None:
     ap.add_argument("--keep-previous", action="store_true",
                     help="add the last bench/results/serve.json's results for targets and client counts not "
                          "measured in this run (same settings): e.g. one more --concurrency level")
+    ap.add_argument("--name", default="serve", help="results file name (bench/results/NAME.json, NAME.png)")
     args = ap.parse_args()
     from lorafleet.models import resolve_model
     from serve.engine import pick_dtype
@@ -242,8 +243,8 @@ def main() -> None:
             *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]], args.peft_requests_per_client,
             stream=False)  # it answers whole responses: time to first token = latency
     cold = None if "cold" in args.skip else cold_adapters(work, adapters)
-    if args.keep_previous and (RESULTS / "serve.json").is_file():
-        prev = json.loads((RESULTS / "serve.json").read_text())
+    if args.keep_previous and (RESULTS / f"{args.name}.json").is_file():
+        prev = json.loads((RESULTS / f"{args.name}.json").read_text())
         for label, by_c in prev.get("sweep", {}).items():  # what this run measured wins
             for c, v in by_c.items():
                 sweep.setdefault(label, {}).setdefault(int(c), v)
@@ -276,13 +277,15 @@ def main() -> None:
         md += (f"\n\ncold adapter (100 registered, 8 resident): time to first token p50 "
                f"{cold['cold_ttft_p50_s']:.3f}s vs {cold['warm_ttft_p50_s']:.3f}s once resident")
     print(md)
-    save("serve", {"sweep": {k: {str(c): v for c, v in by_c.items()} for k, by_c in sweep.items()},
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "LORAFLEET_LORA_KERNEL")
+                   if k in os.environ)
+    save(args.name, {"command": " ".join(filter(None, [env, "python bench/serve.py", *sys.argv[1:]])),"sweep": {k: {str(c): v for c, v in by_c.items()} for k, by_c in sweep.items()},
                    "startup_s": startup, "ratios": ratios, "ratios_by_clients": per_level, "cold_adapter": cold,
                    "markdown": md, "settings": {**ENGINE, "dtype": dtype, **same_cpu_cores(),
                                                 "lora_kernel": os.environ.get("LORAFLEET_LORA_KERNEL", "grouped"), "concurrency": levels,
                                                 "requests_per_client": args.requests_per_client,
                                                 "max_tokens": args.max_tokens}})
-    plot(sweep, levels)
+    plot(sweep, levels, args.name)
 
 
 def cold_adapters(work: Path, adapters: dict[str, Path]) -> dict:
@@ -310,7 +313,7 @@ def cold_adapters(work: Path, adapters: dict[str, Path]) -> dict:
         stop(proc)
 
 
-def plot(sweep: dict[str, dict[int, dict]], levels: list[int]) -> None:
+def plot(sweep: dict[str, dict[int, dict]], levels: list[int], name: str = "serve") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -333,7 +336,7 @@ def plot(sweep: dict[str, dict[int, dict]], levels: list[int]) -> None:
     ax[0].legend(fontsize=8)
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
-    fig.savefig(RESULTS / "serve.png")
+    fig.savefig(RESULTS / f"{name}.png")
 
 
 if __name__ == "__main__":
