@@ -201,3 +201,17 @@ def test_real_engine_same_answers_and_base_stays_base(tiny_base, tiny_adapters):
     assert ours["alpha"] != ours["base"] and ours["beta"] != ours["base"]  # the adapters do something
     assert ours["mixed"] == ours["alpha"] + ours["beta"]  # batched together = alone
     assert ours["base_in_mixed_batch"] == ours["base"]
+
+
+def test_cores_for_the_model(monkeypatch):
+    from serve.engine import cpu_reserved_cores
+
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpu_reserved_cores(None) == 0  # a small machine: every core computes
+    assert cpu_reserved_cores(1) == 1  # the config wins
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert cpu_reserved_cores(None) is None  # vLLM's own rule
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    assert cpu_reserved_cores(None) is None  # the operator's environment is left alone
