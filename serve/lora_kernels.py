@@ -66,7 +66,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                                            buffer=buffer, **kwargs)
         slots, rank, d_in = lora_a_stacked[0].shape[0], lora_a_stacked[0].shape[2], x2.shape[1]
-        if len(self._token_groups) > 1 and slots * rank * len(output_slices) <= d_in // 2:
+        if len(self._token_groups) > 1 and slots * rank <= 64 and slots * rank * len(output_slices) <= d_in // 2:
             self._apply_masked(y2, x2, lora_a_stacked, lora_b_stacked, scale, output_slices)
         else:
             self._apply(y2, x2, lora_a_stacked, lora_b_stacked, scale, output_slices, self._token_groups)
@@ -112,8 +112,9 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         at once, the rows of slots a token does not use zeroed, then one GEMM per slice.
 
         Costs max_loras × the LoRA FLOPs but a handful of ops per layer instead of a gather,
-        two GEMMs and a scatter per adapter per slice (used when all slots' ranks together are
-        small next to the layer's input width).
+        two GEMMs and a scatter per adapter per slice. Used when all slots' ranks together are
+        small (≤ 64, and at most half the layer's input width), which also keeps the re-laid-out
+        copy of the weights it caches small.
         """
         slots, rank = lora_a[0].shape[0], lora_a[0].shape[2]
         a_all, b_t = self._fused(lora_a, lora_b, widths)
