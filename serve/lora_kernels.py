@@ -3,8 +3,8 @@
 vLLM's CPU punica wrapper applies LoRA by gathering, for every token of the batch, a copy of its
 adapter's A and B matrices (`weights[indices]`) and multiplying token by token (`einsum`). A
 decode step of 16 sequences thus copies 16 A/B pairs per projection per layer, and a 100-token
-prefill 100 of them: on this model that doubled the step time (mixed adapters ran at 0.47× the
-base's tokens/s). But a batch holds only a few distinct adapters, so the same work is one pair of
+prefill 100 of them: on SmolLM2-135M that more than doubled the step time (adapters ran at 0.43×
+the base's tokens/s in bench/lora_kernel.py). But a batch holds only a few distinct adapters, so the same work is one pair of
 dense GEMMs per adapter: tokens are grouped by adapter slot once per step (in `update_metadata`),
 and each layer does `x[rows] @ A^T @ B^T` per group, or on the whole batch when one adapter
 covers every token (the common case).
@@ -26,13 +26,10 @@ code.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
-
-log = logging.getLogger("lorafleet.serve")
 
 QUALNAME = f"{__name__}.GroupedPunicaWrapperCPU"
 
@@ -61,8 +58,10 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
                         buffer=None, **kwargs) -> None:
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.view(-1, y.shape[-1])
-        if x2.shape[0] != self._num_tokens or sum(output_slices) > y2.shape[1]:
-            # Not the shape the token mapping describes: leave it to vLLM's own ops.
+        if (x2.shape[0] != self._num_tokens or sum(output_slices) > y2.shape[1]
+                or lora_a_stacked[0].dtype != x.dtype):
+            # Not the shape the token mapping describes, or LoRA weights in another dtype than
+            # the model (--lora-dtype): leave it to vLLM's own ops, which convert.
             return super().add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
                                            buffer=buffer, **kwargs)
         slots, rank, d_in = lora_a_stacked[0].shape[0], lora_a_stacked[0].shape[2], x2.shape[1]
@@ -77,7 +76,7 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         # whose lm_head weights are zero (no adapter there) cost nothing.
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.view(-1, y.shape[-1])
-        if x2.shape[0] != self._num_samples:
+        if x2.shape[0] != self._num_samples or lora_a_stacked.dtype != x.dtype:
             return super().add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs)
         width = min(lora_b_stacked.shape[2], y2.shape[1])  # vocab padding may differ
         self._apply(y2, x2, (lora_a_stacked,), (lora_b_stacked,), scale, (width,), self._sampler_groups)

@@ -215,3 +215,13 @@ def test_cores_for_the_model(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     assert cpu_reserved_cores(None) is None  # the operator's environment is left alone
+
+
+def test_lora_weights_in_another_dtype_use_vllm_ops():
+    a, b = weights(32)
+    slots = [0, 1]
+    x, y0 = torch.randn(2, 32, dtype=torch.bfloat16), torch.randn(2, sum(OUTS), dtype=torch.bfloat16)
+    y_stock, y_ours = y0.clone(), y0.clone()
+    wrapper(PunicaWrapperCPU, slots).add_lora_linear(y_stock, x, a, b, 1.0, OUTS)  # float32 LoRA, bf16 model
+    wrapper(GroupedPunicaWrapperCPU, slots).add_lora_linear(y_ours, x, a, b, 1.0, OUTS)
+    torch.testing.assert_close(y_ours, y_stock)
