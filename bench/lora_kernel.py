@@ -30,7 +30,7 @@ import json, os, statistics, sys, time
 os.environ["LORAFLEET_LORA_KERNEL"] = sys.argv[1]
 from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
-from serve.engine import pick_dtype, preload_cpu_libraries
+from serve.engine import pick_dtype
 
 spec = json.loads(sys.argv[2])
 if __name__ == "__main__":
@@ -71,11 +71,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from bench.serve import ensure_adapters, requests_for
+    from bench.serve import ensure_adapters, requests_for, same_cpu_cores
     from lorafleet.models import resolve_model
     from serve.engine import pick_dtype
-
-    from bench.serve import same_cpu_cores
 
     os.environ.update(same_cpu_cores())  # the engine settings lorafleet serve uses here
     adapters = ensure_adapters()

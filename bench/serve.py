@@ -279,12 +279,13 @@ def main() -> None:
     print(md)
     env = " ".join(f"{k}={os.environ[k]}" for k in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "LORAFLEET_LORA_KERNEL")
                    if k in os.environ)
-    save(args.name, {"command": " ".join(filter(None, [env, "python bench/serve.py", *sys.argv[1:]])),"sweep": {k: {str(c): v for c, v in by_c.items()} for k, by_c in sweep.items()},
-                   "startup_s": startup, "ratios": ratios, "ratios_by_clients": per_level, "cold_adapter": cold,
-                   "markdown": md, "settings": {**ENGINE, "dtype": dtype, **same_cpu_cores(),
-                                                "lora_kernel": os.environ.get("LORAFLEET_LORA_KERNEL", "grouped"), "concurrency": levels,
-                                                "requests_per_client": args.requests_per_client,
-                                                "max_tokens": args.max_tokens}})
+    settings = {**ENGINE, "dtype": dtype, **same_cpu_cores(),
+                "lora_kernel": os.environ.get("LORAFLEET_LORA_KERNEL", "grouped"), "concurrency": levels,
+                "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens}
+    save(args.name, {"command": " ".join(filter(None, [env, "python bench/serve.py", *sys.argv[1:]])),
+                     "sweep": {k: {str(c): v for c, v in by_c.items()} for k, by_c in sweep.items()},
+                     "startup_s": startup, "ratios": ratios, "ratios_by_clients": per_level, "cold_adapter": cold,
+                     "markdown": md, "settings": settings})
     plot(sweep, levels, args.name)
 
 
