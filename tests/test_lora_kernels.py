@@ -217,6 +217,24 @@ def test_cores_for_the_model(monkeypatch):
     assert cpu_reserved_cores(None) is None  # the operator's environment is left alone
 
 
+
+@pytest.mark.parametrize("operator_set, expect_dropped", [(None, True), ("3", False)])
+def test_ray_thread_default_is_not_taken_for_the_operators(operator_set, expect_dropped):
+    # A Ray worker sets OMP_NUM_THREADS from Python after start (its CPUs) when the operator did
+    # not; vLLM would take it as the operator's and keep that many torch threads spinning in
+    # its engine core. The operator's value (in the process's initial environment) stays.
+    code = ("import os, json; os.environ.setdefault('OMP_NUM_THREADS', '2');"
+            "from serve.engine import drop_ray_thread_default;"
+            "print(json.dumps([drop_ray_thread_default(), os.environ.get('OMP_NUM_THREADS')]))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if operator_set:
+        env["OMP_NUM_THREADS"] = operator_set
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    dropped, left = json.loads(out.stdout.strip().splitlines()[-1])
+    assert dropped is expect_dropped
+    assert left == (None if expect_dropped else operator_set)
+
 def test_lora_weights_in_another_dtype_use_vllm_ops():
     a, b = weights(32)
     slots = [0, 1]
