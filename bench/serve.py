@@ -13,10 +13,16 @@ model alone (the LoRA overhead), and cold-adapter time to first token with 100 r
 adapters and 8 resident.
 
 Both vLLM-based servers get the same engine settings (dtype, context, KV cache, max_loras, cores
-reserved from the model's threads) and the same LoRA kernel (lorafleet's vLLM plugin is loaded by
+reserved from the model's threads, the libraries lorafleet preloads: Intel OpenMP, tcmalloc where
+installed, as vLLM's CPU guide asks) and the same LoRA kernel (lorafleet's vLLM plugin is loaded by
 every vLLM process of this environment; bench/lora_kernel.py compares it with vLLM's stock ops).
 
-    python bench/serve.py [--concurrency 1,4,16] [--requests-per-client 4] [--max-tokens 64]
+This machine's speed drifts by 10-20% over minutes, more than the differences measured, so
+lorafleet and vLLM's server take turns: `--rounds` rounds of (lorafleet, vLLM server), each
+server started afresh, and every figure is the median over the rounds (each round's tokens/s
+are kept in the JSON).
+
+    python bench/serve.py [--concurrency 1,4,16] [--requests-per-client 4] [--rounds 2] [--max-tokens 64]
 """
 
 from __future__ import annotations
@@ -179,6 +185,9 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--peft-requests-per-client", type=int, default=1,
                     help="the peft server answers one request at a time: fewer requests suffice")
+    ap.add_argument("--min-requests", type=int, default=8,
+                    help="at least this many requests per level: one client's 4 requests are too few to time")
+    ap.add_argument("--rounds", type=int, default=2, help="turns of (lorafleet, vLLM server); medians reported")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip", action="append", default=[], help="skip a target: lorafleet, vllm, peft, cold")
     ap.add_argument("--keep-previous", action="store_true",
@@ -187,7 +196,7 @@ def main() -> None:
     ap.add_argument("--name", default="serve", help="results file name (bench/results/NAME.json, NAME.png)")
     args = ap.parse_args()
     from lorafleet.models import resolve_model
-    from serve.engine import pick_dtype
+    from serve.engine import cpu_library_preload, pick_dtype
 
     levels = [int(c) for c in args.concurrency.split(",")]
     top = max(levels)
@@ -200,48 +209,55 @@ def main() -> None:
     for name, p in adapters.items():
         (work / "adapters" / name).symlink_to(p)
     dtype = pick_dtype(ENGINE["dtype"])
-    sweep: dict[str, dict[int, dict]] = {}  # server -> concurrency -> result
-    startup: dict[str, float] = {}
+    rounds: dict[str, dict[int, list[dict]]] = {}  # server -> concurrency -> one result per round
+    startups: dict[str, list[float]] = {}
 
-    def measure(label, cmd, per_client, base_too=False, stream=True):
+    def measure(label, cmd, per_client, base_too=False, stream=True, env=None):
         port = free_port()
         cmd = [c.replace("{PORT}", str(port)) for c in cmd]
         log = work / f"{label.split()[0]}.log"
-        proc = start(cmd, log)
+        proc = start(cmd, log, env)
         url = f"http://127.0.0.1:{port}"
+
+        def record(key, c, r):
+            rounds.setdefault(key, {}).setdefault(c, []).append(r)
+            print(f"{key} @ {c} clients: {r['tokens_per_s']:.1f} tokens/s, TTFT p50 {r['ttft_p50_s']:.2f}s, "
+                  f"p99 {r['latency_p99_s']:.2f}s, errors {r['errors']}", flush=True)
+
         try:
-            startup[label] = wait(url, proc, log)
+            startups.setdefault(label, []).append(wait(url, proc, log))
             asyncio.run(load(url, requests_for(adapters, 2), 2, 8, stream))  # warm-up: adapters loaded, kernels ready
             for c in levels:
-                reqs = requests_for(adapters, max(2, c * per_client))
-                r = asyncio.run(load(url, reqs, c, args.max_tokens, stream))
-                sweep.setdefault(label, {})[c] = r
-                print(f"{label} @ {c} clients: {r['tokens_per_s']:.1f} tokens/s, TTFT p50 {r['ttft_p50_s']:.2f}s, "
-                      f"p99 {r['latency_p99_s']:.2f}s, errors {r['errors']}", flush=True)
+                reqs = requests_for(adapters, max(args.min_requests, c * per_client))
+                record(label, c, asyncio.run(load(url, reqs, c, args.max_tokens, stream)))
             if base_too:  # the same load on the base model alone: the LoRA overhead
                 reqs = requests_for(adapters, top * per_client)
-                r = asyncio.run(load(url, reqs, top, args.max_tokens, True, model_override=BASE_NAME))
-                sweep.setdefault(f"{label}, base only", {})[top] = r
-                print(f"{label}, base only @ {top}: {r['tokens_per_s']:.1f} tokens/s", flush=True)
+                record(f"{label}, base only", top,
+                       asyncio.run(load(url, reqs, top, args.max_tokens, True, model_override=BASE_NAME)))
         finally:
             stop(proc)
 
-    # (a) lorafleet, (b) vLLM's own server with the same engine settings, (c) transformers + peft
-    if "lorafleet" not in args.skip:
-        measure("lorafleet", lorafleet_cmd("{PORT}", work / "adapters"), args.requests_per_client, base_too=True)
-    if "vllm" not in args.skip:
-        measure("vLLM server", [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base, "--served-model-name",
-            BASE_NAME, "--host", "127.0.0.1", "--port", "{PORT}", "--dtype", dtype, "--max-model-len",
-            str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]), "--kv-cache-memory-bytes",
-            str(int(ENGINE["kv_gb"] * 2**30)), "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
-            "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()], "--disable-log-stats"],
-            args.requests_per_client)
-    if "peft" not in args.skip:
+    # (a) lorafleet, (b) vLLM's own server with the same engine settings, taking turns; (c) transformers + peft
+    for _ in range(args.rounds):
+        if "lorafleet" not in args.skip:
+            measure("lorafleet", lorafleet_cmd("{PORT}", work / "adapters"), args.requests_per_client,
+                    base_too=True)
+        if "vllm" not in args.skip:
+            measure("vLLM server", [
+                sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base, "--served-model-name",
+                BASE_NAME, "--host", "127.0.0.1", "--port", "{PORT}", "--dtype", dtype, "--max-model-len",
+                str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
+                "--kv-cache-memory-bytes", str(int(ENGINE["kv_gb"] * 2**30)), "--enable-lora", "--max-lora-rank",
+                "16", "--max-loras", "2", "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()],
+                "--disable-log-stats"], args.requests_per_client,
+                env={"LD_PRELOAD": cpu_library_preload(os.environ.get("LD_PRELOAD", ""))})
+    if "peft" not in args.skip:  # far from the others: one round tells
         measure("transformers+peft", [
             sys.executable, "bench/peft_server.py", "--base", base, "--base-name", BASE_NAME, "--port", "{PORT}",
             *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]], args.peft_requests_per_client,
             stream=False)  # it answers whole responses: time to first token = latency
+    sweep = {label: {c: median_round(rs) for c, rs in by_c.items()} for label, by_c in rounds.items()}
+    startup = {label: statistics.median(v) for label, v in startups.items()}
     cold = None if "cold" in args.skip else cold_adapters(work, adapters)
     if args.keep_previous and (RESULTS / f"{args.name}.json").is_file():
         prev = json.loads((RESULTS / f"{args.name}.json").read_text())
@@ -264,11 +280,12 @@ def main() -> None:
               "lora_overhead_mixed_over_base": ratio(tps("lorafleet"), tps("lorafleet, base only"))}
     per_level = {c: {"lorafleet_vs_vllm": ratio(tps("lorafleet", c), tps("vLLM server", c)),
                      "lorafleet_vs_peft": ratio(tps("lorafleet", c), tps("transformers+peft", c))} for c in levels}
-    rows = [{"server": k, "clients": c, **{m: v.get(m) for m in ("requests", "errors", "tokens_per_s", "ttft_p50_s",
-                                                                 "latency_p50_s", "latency_p99_s")}}
+    cols = ["server", "clients", "requests", "errors", "tokens_per_s", "by_round", "ttft_p50_s", "latency_p50_s",
+            "latency_p99_s"]
+    rows = [{"server": k, "clients": c, **{m: v.get(m) for m in cols[2:]},
+             "by_round": " / ".join(f"{x:.1f}" for x in v.get("tokens_per_s_by_round", []))}
             for k, by_c in sweep.items() for c, v in by_c.items()]
-    md = table(rows, ["server", "clients", "requests", "errors", "tokens_per_s", "ttft_p50_s", "latency_p50_s",
-                      "latency_p99_s"],
+    md = table(rows, cols,
                f"serve: {args.max_tokens} tokens per request (ignore_eos), 2 adapters mixed, dtype {dtype}")
     md += f"\n\nat {top} clients: " + " · ".join(f"{k}: {v:.2f}×" for k, v in ratios.items() if v is not None)
     md += "\n\nlorafleet / vLLM server by clients: " + " · ".join(
@@ -281,12 +298,23 @@ def main() -> None:
                    if k in os.environ)
     settings = {**ENGINE, "dtype": dtype, **same_cpu_cores(),
                 "lora_kernel": os.environ.get("LORAFLEET_LORA_KERNEL", "grouped"), "concurrency": levels,
-                "requests_per_client": args.requests_per_client, "max_tokens": args.max_tokens}
+                "ld_preload": cpu_library_preload(os.environ.get("LD_PRELOAD", "")),
+                "requests_per_client": args.requests_per_client, "min_requests": args.min_requests,
+                "rounds": args.rounds, "max_tokens": args.max_tokens}
     save(args.name, {"command": " ".join(filter(None, [env, "python bench/serve.py", *sys.argv[1:]])),
                      "sweep": {k: {str(c): v for c, v in by_c.items()} for k, by_c in sweep.items()},
                      "startup_s": startup, "ratios": ratios, "ratios_by_clients": per_level, "cold_adapter": cold,
                      "markdown": md, "settings": settings})
     plot(sweep, levels, args.name)
+
+
+def median_round(results: list[dict]) -> dict:
+    """One level's figures over the rounds: medians, and each round's tokens/s."""
+    keys = ("tokens_per_s", "ttft_p50_s", "latency_p50_s", "latency_p99_s")
+    out = {k: statistics.median(vs) if (vs := [r[k] for r in results if r[k] is not None]) else None for k in keys}
+    return {**out, "requests": results[0]["requests"], "errors": sum(r["errors"] for r in results),
+            "tokens": sum(r["tokens"] for r in results), "rounds": len(results),
+            "tokens_per_s_by_round": [round(r["tokens_per_s"], 2) for r in results]}
 
 
 def cold_adapters(work: Path, adapters: dict[str, Path]) -> dict:

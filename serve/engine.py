@@ -62,11 +62,8 @@ def pick_dtype(requested: str) -> str:
     return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
-def preload_cpu_libraries() -> None:
-    """vLLM's CPU backend asks for tcmalloc and Intel OpenMP in LD_PRELOAD; add them when present.
-
-    LD_PRELOAD only affects processes started after it is set: the engine's worker processes.
-    """
+def cpu_library_preload(current: str = "") -> str:
+    """LD_PRELOAD with what vLLM's CPU backend asks for added: tcmalloc and Intel OpenMP, when present."""
     import glob
     import site
 
@@ -75,10 +72,16 @@ def preload_cpu_libraries() -> None:
         found += glob.glob(pattern)[:1]
     for sp in site.getsitepackages():
         found += glob.glob(os.path.join(sp, "..", "..", "libiomp5.so"))[:1]
-    current = os.environ.get("LD_PRELOAD", "")
     extra = [f for f in found if f not in current]
-    if extra:
-        os.environ["LD_PRELOAD"] = ":".join([*extra, current] if current else extra)
+    return ":".join([*extra, current] if current else extra)
+
+
+def preload_cpu_libraries() -> None:
+    """Preload them in the engine's processes: LD_PRELOAD only affects processes started after
+    it is set."""
+    preload = cpu_library_preload(os.environ.get("LD_PRELOAD", ""))
+    if preload:
+        os.environ["LD_PRELOAD"] = preload
 
 
 def cpu_reserved_cores(configured: int | None) -> int | None:
