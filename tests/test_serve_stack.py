@@ -92,6 +92,20 @@ MSGS = [{"role": "user", "content": "What is the warranty of the Kestrel K9?"}]
 PROMPTS = ["The Kestrel K9 drone", "Valdoria labour law says"]
 
 
+
+def test_engine_core_keeps_vllms_serving_threads(served):
+    # Ray sets OMP_NUM_THREADS in its workers; vLLM would take it as the operator's and keep that
+    # many torch threads spinning in its engine-core loop (its own rule is one).
+    import psutil
+
+    if "OMP_NUM_THREADS" in os.environ:
+        pytest.skip("OMP_NUM_THREADS is set here: the engine keeps it, as an operator's setting")
+    cores = [p for p in psutil.Process(served.proc.pid).children(recursive=True) if p.name() == "VLLM::EngineCore"]
+    assert cores, "no vLLM engine-core process under the server"
+    for p in cores:
+        assert "OMP_NUM_THREADS" not in p.environ(), p.environ().get("OMP_NUM_THREADS")
+
+
 def test_models_chat_completions_stream(served):
     c = served.client
     ids = {m.id: m.model_extra.get("parent") for m in c.models.list().data}
