@@ -28,8 +28,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, save, table  # noqa: E402
-from bench.serve import BASE_NAME, ensure_adapters, lorafleet_cmd, start, stop, wait  # noqa: E402
-from lorafleet.net import free_port  # noqa: E402
+from bench.serve import BASE_NAME, ensure_adapters, lorafleet_cmd, start, stop  # noqa: E402
+from lorafleet.net import free_port, wait_until_serving  # noqa: E402
 
 ADMIN = "sk-admin-reliability"
 KEY = "sk-user-reliability"
@@ -166,7 +166,7 @@ def main() -> int:
     models = [BASE_NAME, "support", "legal"]
     rows, failures = [], []
     try:
-        wait(url, proc, work / "server.log")
+        wait_until_serving(url, proc, work / "server.log")
         # 1. load + churn
         s1 = new_stats()
         rss_before = tree_rss_mb(proc.pid)

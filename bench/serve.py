@@ -32,7 +32,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, RESULTS, save, table  # noqa: E402
-from lorafleet.net import free_port  # noqa: E402
+from lorafleet.net import free_port, stop_server, wait_until_serving  # noqa: E402
 
 BASE_NAME = "smollm2"
 ENGINE = {"dtype": "auto", "max_model_len": 1024, "max_num_seqs": 32, "kv_gb": 1.0}
@@ -60,31 +59,8 @@ def same_cpu_cores() -> dict[str, str]:
     return {} if reserved is None else {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(reserved)}
 
 
-def wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> float:
-    import httpx
-
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            # 401: up, with API keys configured (the caller has them)
-            if httpx.get(f"{url}/v1/models", timeout=5).status_code in (200, 401):
-                return time.time() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready: {log.read_text()[-3000:]}")
-
-
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    stop_server(proc, grace_s=60)
     subprocess.run(["pkill", "-9", "-f", "VLLM::EngineCore"], check=False)  # an engine orphaned by a killed parent
 
 
@@ -225,7 +201,7 @@ def main() -> None:
                   f"p99 {r['latency_p99_s']:.2f}s, errors {r['errors']}", flush=True)
 
         try:
-            startups.setdefault(label, []).append(wait(url, proc, log))
+            startups.setdefault(label, []).append(wait_until_serving(url, proc, log))
             asyncio.run(load(url, requests_for(adapters, 2), 2, 8, stream))  # warm-up: adapters loaded, kernels ready
             for c in levels:
                 reqs = requests_for(adapters, max(args.min_requests, c * per_client))
@@ -327,7 +303,7 @@ def cold_adapters(work: Path, adapters: dict[str, Path]) -> dict:
     proc = start(lorafleet_cmd(port, many, resident=8, max_loras=8), work / "cold.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        wait(url, proc, work / "cold.log")
+        wait_until_serving(url, proc, work / "cold.log")
         prompt = requests_for(adapters, 1)[0][1]
         cold_t, warm_t = [], []
         for i in range(12):

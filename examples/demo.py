@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorafleet import quality
-from lorafleet.net import free_port
+from lorafleet.net import free_port, stop_server, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "demo"
@@ -79,31 +78,12 @@ def start_server(port: int) -> subprocess.Popen:
                             env=dict(os.environ, RAY_worker_niceness="0"))
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    import httpx
-
+def wait_ready(url: str, proc: subprocess.Popen) -> None:
     with console.status("waiting for the server (Ray Serve + vLLM engine start)…"):
-        t = time.time()
-        while time.time() - t < timeout:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited ({proc.returncode}); see {WORK / 'server.log'}")
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200 and \
-                        httpx.get(f"{url}/v1/models", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-    raise SystemExit(f"server not ready after {timeout}s; see {WORK / 'server.log'}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            wait_until_serving(url, proc, WORK / "server.log", timeout=600, poll_s=2)
+        except (RuntimeError, TimeoutError) as e:
+            raise SystemExit(f"{e}\n(full log: {WORK / 'server.log'})") from None
 
 
 def main() -> int:

@@ -13,32 +13,16 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from lorafleet.net import free_port
+from lorafleet.net import free_port, stop_server, wait_until_serving
 
 ENGINE_FLAGS = ["--set", "engine.dtype=float32", "--set", "engine.max_model_len=256",
                 "--set", "engine.cpu_kvcache_space_gb=0.5", "--set", "engine.max_lora_rank=16"]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            r = httpx.get(f"{url}/v1/models", timeout=5, headers={"Authorization": "Bearer sk-test"})
-            if r.status_code == 200 and httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"server not ready after {timeout}s:\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module", params=["fused", "split"])
@@ -77,15 +61,10 @@ def lorafleet_serve(args: list[str], work: Path, root: Path):
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc, log)
+        wait_until_serving(url, proc, log, timeout=240)
         yield url, proc, log
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc, grace_s=60)
 
 
 MSGS = [{"role": "user", "content": "What is the warranty of the Kestrel K9?"}]
