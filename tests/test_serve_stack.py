@@ -71,7 +71,6 @@ MSGS = [{"role": "user", "content": "What is the warranty of the Kestrel K9?"}]
 PROMPTS = ["The Kestrel K9 drone", "Valdoria labour law says"]
 
 
-
 def test_engine_core_keeps_vllms_serving_threads(served):
     # Ray sets OMP_NUM_THREADS in its workers; vLLM would take it as the operator's and keep that
     # many torch threads spinning in its engine-core loop (its own rule is one).
