@@ -185,6 +185,7 @@ def main() -> None:
     for name, p in adapters.items():
         (work / "adapters" / name).symlink_to(p)
     dtype = pick_dtype(ENGINE["dtype"])
+    preload = cpu_library_preload(os.environ.get("LD_PRELOAD", ""))  # what lorafleet's engine gets, for vLLM's too
     rounds: dict[str, dict[int, list[dict]]] = {}  # server -> concurrency -> one result per round
     startups: dict[str, list[float]] = {}
 
@@ -226,7 +227,7 @@ def main() -> None:
                 "--kv-cache-memory-bytes", str(int(ENGINE["kv_gb"] * 2**30)), "--enable-lora", "--max-lora-rank",
                 "16", "--max-loras", "2", "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()],
                 "--disable-log-stats"], args.requests_per_client,
-                env={"LD_PRELOAD": cpu_library_preload(os.environ.get("LD_PRELOAD", ""))})
+                env={"LD_PRELOAD": preload})
     if "peft" not in args.skip:  # far from the others: one round tells
         measure("transformers+peft", [
             sys.executable, "bench/peft_server.py", "--base", base, "--base-name", BASE_NAME, "--port", "{PORT}",
@@ -274,7 +275,7 @@ def main() -> None:
                    if k in os.environ)
     settings = {**ENGINE, "dtype": dtype, **same_cpu_cores(),
                 "lora_kernel": os.environ.get("LORAFLEET_LORA_KERNEL", "grouped"), "concurrency": levels,
-                "ld_preload": cpu_library_preload(os.environ.get("LD_PRELOAD", "")),
+                "ld_preload": preload,
                 "requests_per_client": args.requests_per_client, "min_requests": args.min_requests,
                 "rounds": args.rounds, "max_tokens": args.max_tokens}
     save(args.name, {"command": " ".join(filter(None, [env, "python bench/serve.py", *sys.argv[1:]])),
