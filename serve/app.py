@@ -144,28 +144,42 @@ def build_app(fe: Frontend) -> FastAPI:
     async def _openai_error(_req, exc: OpenAIError):
         return _err(exc)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        path = request.url.path
+    def auth_error(path: str, key: str | None) -> OpenAIError | None:
+        """Why this request may not go on, or None: admin routes take the admin key, the rest any key."""
         if path in ("/health", "/ready", "/metrics") or path.startswith(("/docs", "/openapi")):
-            return await call_next(request)
-        admin = path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters/rescan")
-        key = _bearer(request)
-        if admin:
+            return None
+        if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters/rescan"):
             if fe.admin_keys:
                 if not _check_key(key, fe.admin_keys):
-                    status = 401 if key is None else 403
-                    return _err(OpenAIError(status, "admin routes need the admin key (LORAFLEET_ADMIN_KEY) "
-                                                    "as 'Authorization: Bearer <key>'", type="authentication_error",
-                                            code="invalid_api_key"))
+                    return OpenAIError(401 if key is None else 403, "admin routes need the admin key "
+                                       "(LORAFLEET_ADMIN_KEY) as 'Authorization: Bearer <key>'",
+                                       type="authentication_error", code="invalid_api_key")
             elif fe.api_keys:
-                return _err(OpenAIError(403, "admin routes are disabled: no admin key is configured "
-                                             "(set LORAFLEET_ADMIN_KEY)", type="permission_error"))
+                return OpenAIError(403, "admin routes are disabled: no admin key is configured "
+                                        "(set LORAFLEET_ADMIN_KEY)", type="permission_error")
         elif fe.api_keys and not _check_key(key, fe.api_keys) and not _check_key(key, fe.admin_keys):
-            return _err(OpenAIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                    type="authentication_error", code="invalid_api_key"))
-        request.state.key = key or "anonymous"
-        return await call_next(request)
+            return OpenAIError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                               type="authentication_error", code="invalid_api_key")
+        return None
+
+    # A plain ASGI middleware, not @app.middleware("http"): that one pipes every chunk of a streamed
+    # answer through an extra in-memory stream and task, a cost paid per token.
+    class Auth:
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.inner(scope, receive, send)
+            request = Request(scope)
+            key = _bearer(request)
+            err = auth_error(request.url.path, key)
+            if err is not None:
+                return await _err(err)(scope, receive, send)
+            scope.setdefault("state", {})["key"] = key or "anonymous"
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Auth)
 
     # -------------------------------------------------------------------------- plain routes
     @app.get("/health")

@@ -235,6 +235,7 @@ def test_ray_thread_default_is_not_taken_for_the_operators(operator_set, expect_
     assert dropped is expect_dropped
     assert left == (None if expect_dropped else operator_set)
 
+
 def test_lora_weights_in_another_dtype_use_vllm_ops():
     a, b = weights(32)
     slots = [0, 1]

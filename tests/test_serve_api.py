@@ -286,3 +286,13 @@ def test_disappearing_adapter_source(stack):
         backup.rename(stack.src)
     r = stack.oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}], max_tokens=1)
     assert r.choices[0].message.content == "alpha"
+
+
+def test_lean_ray_defaults_only_for_a_ray_started_here():
+    from serve.launch import LOCAL_RAY_DEFAULTS, local_ray_environment
+
+    assert local_ray_environment(None, {}) == LOCAL_RAY_DEFAULTS
+    assert local_ray_environment("ray://head:10001", {}) == {}  # a cluster has its own settings
+    assert local_ray_environment(None, {"RAY_ADDRESS": "head:6379"}) == {}
+    kept = local_ray_environment(None, {"RAY_enable_metrics_collection": "1"})
+    assert "RAY_enable_metrics_collection" not in kept and len(kept) == len(LOCAL_RAY_DEFAULTS) - 1

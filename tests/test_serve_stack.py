@@ -67,6 +67,26 @@ def lorafleet_serve(args: list[str], work: Path, root: Path):
         stop_server(proc, grace_s=60)
 
 
+def test_local_ray_runs_without_cluster_extras(served):
+    # The Ray that `lorafleet serve` starts for itself gets LOCAL_RAY_DEFAULTS: its GCS, raylet and
+    # Serve controller (where the settings are read) run with them; an operator's value would win.
+    import psutil
+
+    from serve.launch import LOCAL_RAY_DEFAULTS
+
+    procs = psutil.Process(served.proc.pid).children(recursive=True)
+    seen = {}
+    for p in procs:
+        name = " ".join(p.cmdline()[:1]) + p.name()
+        for kind in ("gcs_server", "raylet", "ServeController"):
+            if kind in name:
+                seen[kind] = p.environ()
+    assert set(seen) == {"gcs_server", "raylet", "ServeController"}, sorted(seen)
+    for kind, env in seen.items():
+        for k, v in LOCAL_RAY_DEFAULTS.items():
+            assert env.get(k) == os.environ.get(k, v), (kind, k)
+
+
 MSGS = [{"role": "user", "content": "What is the warranty of the Kestrel K9?"}]
 PROMPTS = ["The Kestrel K9 drone", "Valdoria labour law says"]
 
