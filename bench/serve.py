@@ -18,20 +18,24 @@ installed, as vLLM's CPU guide asks) and the same LoRA kernel (lorafleet's vLLM 
 every vLLM process of this environment; bench/lora_kernel.py compares it with vLLM's stock ops).
 
 This machine's speed drifts by 10-20% over minutes, more than the differences measured, so
-lorafleet and vLLM's server take turns: `--rounds` rounds of (lorafleet, vLLM server), each
-server started afresh, and every figure is the median over the rounds (each round's tokens/s
-are kept in the JSON).
+lorafleet and vLLM's server are both started once and take turns, window by window: the one not
+being measured is frozen (SIGSTOP on every process of its session, Ray's and vLLM's; it takes no
+CPU), thawed 3 s before its next window. Each client count gets `--rounds` windows per server,
+in alternating order; every figure is the median over its windows, and the ratios are medians of
+the ratios of neighbouring windows (each pair is in the JSON).
 
-    python bench/serve.py [--concurrency 1,4,16] [--requests-per-client 4] [--rounds 2] [--max-tokens 64]
+    python bench/serve.py [--concurrency 1,4,16] [--requests-per-client 4] [--rounds 3] [--max-tokens 64]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -62,6 +66,42 @@ def same_cpu_cores() -> dict[str, str]:
 def stop(proc: subprocess.Popen) -> None:
     stop_server(proc, grace_s=60)
     subprocess.run(["pkill", "-9", "-f", "VLLM::EngineCore"], check=False)  # an engine orphaned by a killed parent
+
+
+def session_processes(proc: subprocess.Popen) -> list:
+    """Every process of the server's session: for lorafleet, Ray's (GCS, raylet, workers) and vLLM's."""
+    import psutil
+
+    sid = os.getsid(proc.pid)
+    out = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(Exception):
+            if os.getsid(p.pid) == sid:
+                out.append(p)
+    return out
+
+
+def freeze(proc: subprocess.Popen) -> None:
+    for p in session_processes(proc):
+        with contextlib.suppress(Exception):
+            p.send_signal(signal.SIGSTOP)
+
+
+def thaw(proc: subprocess.Popen) -> None:
+    for p in session_processes(proc):
+        with contextlib.suppress(Exception):
+            p.send_signal(signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def thawed(proc: subprocess.Popen, settle_s: float = 3.0):
+    """Run a window on a frozen server: thaw it, let its timers catch up, freeze it again after."""
+    thaw(proc)
+    time.sleep(settle_s)
+    try:
+        yield
+    finally:
+        freeze(proc)
 
 
 def requests_for(adapters: dict[str, Path], n: int) -> list[tuple[str, str]]:
@@ -163,7 +203,8 @@ def main() -> None:
                     help="the peft server answers one request at a time: fewer requests suffice")
     ap.add_argument("--min-requests", type=int, default=8,
                     help="at least this many requests per level: one client's 4 requests are too few to time")
-    ap.add_argument("--rounds", type=int, default=2, help="turns of (lorafleet, vLLM server); medians reported")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="windows per server and client count, lorafleet and vLLM's server in turns; medians reported")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip", action="append", default=[], help="skip a target: lorafleet, vllm, peft, cold")
     ap.add_argument("--keep-previous", action="store_true",
@@ -189,50 +230,69 @@ def main() -> None:
     rounds: dict[str, dict[int, list[dict]]] = {}  # server -> concurrency -> one result per round
     startups: dict[str, list[float]] = {}
 
-    def measure(label, cmd, per_client, base_too=False, stream=True, env=None):
+    def record(key, c, r):
+        rounds.setdefault(key, {}).setdefault(c, []).append(r)
+        print(f"{key} @ {c} clients: {r['tokens_per_s']:.1f} tokens/s, TTFT p50 {r['ttft_p50_s']:.2f}s, "
+              f"p99 {r['latency_p99_s']:.2f}s, errors {r['errors']}", flush=True)
+
+    def up(label, cmd, stream=True, env=None):
+        """Start a server, wait until it answers, warm it up (adapters loaded, kernels ready)."""
         port = free_port()
         cmd = [c.replace("{PORT}", str(port)) for c in cmd]
         log = work / f"{label.split()[0]}.log"
         proc = start(cmd, log, env)
         url = f"http://127.0.0.1:{port}"
-
-        def record(key, c, r):
-            rounds.setdefault(key, {}).setdefault(c, []).append(r)
-            print(f"{key} @ {c} clients: {r['tokens_per_s']:.1f} tokens/s, TTFT p50 {r['ttft_p50_s']:.2f}s, "
-                  f"p99 {r['latency_p99_s']:.2f}s, errors {r['errors']}", flush=True)
-
         try:
             startups.setdefault(label, []).append(wait_until_serving(url, proc, log))
-            asyncio.run(load(url, requests_for(adapters, 2), 2, 8, stream))  # warm-up: adapters loaded, kernels ready
-            for c in levels:
-                reqs = requests_for(adapters, max(args.min_requests, c * per_client))
-                record(label, c, asyncio.run(load(url, reqs, c, args.max_tokens, stream)))
-            if base_too:  # the same load on the base model alone: the LoRA overhead
-                reqs = requests_for(adapters, top * per_client)
-                record(f"{label}, base only", top,
-                       asyncio.run(load(url, reqs, top, args.max_tokens, True, model_override=BASE_NAME)))
-        finally:
+            asyncio.run(load(url, requests_for(adapters, 2), 2, 8, stream))
+        except BaseException:
             stop(proc)
+            raise
+        return proc, url
 
-    # (a) lorafleet, (b) vLLM's own server with the same engine settings, taking turns; (c) transformers + peft
-    for _ in range(args.rounds):
+    def window(key, c, per_client, url, model_override=None, stream=True):
+        reqs = requests_for(adapters, max(args.min_requests, c * per_client))
+        record(key, c, asyncio.run(load(url, reqs, c, args.max_tokens, stream, model_override=model_override)))
+
+    # (a) lorafleet and (b) vLLM's own server, both up, taking turns window by window: the one
+    # not measured is frozen (SIGSTOP on its whole session: Ray's processes, vLLM's engine), so
+    # it takes no CPU, and the machine's drift is shared by each pair of neighbouring windows.
+    servers = {}
+    try:
         if "lorafleet" not in args.skip:
-            measure("lorafleet", lorafleet_cmd("{PORT}", work / "adapters"), args.requests_per_client,
-                    base_too=True)
+            servers["lorafleet"] = up("lorafleet", lorafleet_cmd("{PORT}", work / "adapters"))
+            freeze(servers["lorafleet"][0])
         if "vllm" not in args.skip:
-            measure("vLLM server", [
+            servers["vLLM server"] = up("vLLM server", [
                 sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base, "--served-model-name",
                 BASE_NAME, "--host", "127.0.0.1", "--port", "{PORT}", "--dtype", dtype, "--max-model-len",
                 str(ENGINE["max_model_len"]), "--max-num-seqs", str(ENGINE["max_num_seqs"]),
                 "--kv-cache-memory-bytes", str(int(ENGINE["kv_gb"] * 2**30)), "--enable-lora", "--max-lora-rank",
                 "16", "--max-loras", "2", "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()],
-                "--disable-log-stats"], args.requests_per_client,
-                env={"LD_PRELOAD": preload})
+                "--disable-log-stats"], env={"LD_PRELOAD": preload})
+            freeze(servers["vLLM server"][0])
+        for c in levels:
+            for i in range(args.rounds):
+                for label in (list(servers) if i % 2 == 0 else list(servers)[::-1]):
+                    proc, url = servers[label]
+                    with thawed(proc):
+                        window(label, c, args.requests_per_client, url)
+                        if label == "lorafleet" and c == top:  # the same load on the base alone: LoRA overhead
+                            window(f"{label}, base only", c, args.requests_per_client, url, model_override=BASE_NAME)
+    finally:
+        for proc, _ in servers.values():
+            thaw(proc)
+        for proc, _ in servers.values():
+            stop(proc)
     if "peft" not in args.skip:  # far from the others: one round tells
-        measure("transformers+peft", [
+        proc, url = up("transformers+peft", [
             sys.executable, "bench/peft_server.py", "--base", base, "--base-name", BASE_NAME, "--port", "{PORT}",
-            *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]], args.peft_requests_per_client,
-            stream=False)  # it answers whole responses: time to first token = latency
+            *[a for n, p in adapters.items() for a in ("--adapter", f"{n}={p}")]], stream=False)
+        try:
+            for c in levels:  # it answers whole responses: time to first token = latency
+                window("transformers+peft", c, args.peft_requests_per_client, url, stream=False)
+        finally:
+            stop(proc)
     sweep = {label: {c: median_round(rs) for c, rs in by_c.items()} for label, by_c in rounds.items()}
     startup = {label: statistics.median(v) for label, v in startups.items()}
     cold = None if "cold" in args.skip else cold_adapters(work, adapters)
@@ -249,14 +309,22 @@ def main() -> None:
     def tps(label, c=top):
         return sweep.get(label, {}).get(c, {}).get("tokens_per_s")
 
-    def ratio(a, b):
-        return a / b if a and b else None
+    def paired(a, b, c=top):
+        """Median of the ratios of neighbouring windows (a's and b's n-th turn at c clients); the ratio of
+        the medians when the two were not measured in turns (peft; --keep-previous)."""
+        ra, rb = rounds.get(a, {}).get(c, []), rounds.get(b, {}).get(c, [])
+        if ra and len(ra) == len(rb):
+            return statistics.median(x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(ra, rb)), \
+                [round(x["tokens_per_s"] / y["tokens_per_s"], 3) for x, y in zip(ra, rb)]
+        x, y = tps(a, c), tps(b, c)
+        return (x / y if x and y else None), []
 
-    ratios = {"lorafleet_vs_vllm": ratio(tps("lorafleet"), tps("vLLM server")),
-              "lorafleet_vs_peft": ratio(tps("lorafleet"), tps("transformers+peft")),
-              "lora_overhead_mixed_over_base": ratio(tps("lorafleet"), tps("lorafleet, base only"))}
-    per_level = {c: {"lorafleet_vs_vllm": ratio(tps("lorafleet", c), tps("vLLM server", c)),
-                     "lorafleet_vs_peft": ratio(tps("lorafleet", c), tps("transformers+peft", c))} for c in levels}
+    ratios = {"lorafleet_vs_vllm": paired("lorafleet", "vLLM server")[0],
+              "lorafleet_vs_peft": paired("lorafleet", "transformers+peft")[0],
+              "lora_overhead_mixed_over_base": paired("lorafleet", "lorafleet, base only")[0]}
+    per_level = {c: {"lorafleet_vs_vllm": paired("lorafleet", "vLLM server", c)[0],
+                     "lorafleet_vs_vllm_by_pair": paired("lorafleet", "vLLM server", c)[1],
+                     "lorafleet_vs_peft": paired("lorafleet", "transformers+peft", c)[0]} for c in levels}
     cols = ["server", "clients", "requests", "errors", "tokens_per_s", "by_round", "ttft_p50_s", "latency_p50_s",
             "latency_p99_s"]
     rows = [{"server": k, "clients": c, **{m: v.get(m) for m in cols[2:]},
@@ -265,8 +333,9 @@ def main() -> None:
     md = table(rows, cols,
                f"serve: {args.max_tokens} tokens per request (ignore_eos), 2 adapters mixed, dtype {dtype}")
     md += f"\n\nat {top} clients: " + " · ".join(f"{k}: {v:.2f}×" for k, v in ratios.items() if v is not None)
-    md += "\n\nlorafleet / vLLM server by clients: " + " · ".join(
-        f"{c}: {r['lorafleet_vs_vllm']:.2f}×" for c, r in per_level.items() if r["lorafleet_vs_vllm"])
+    md += "\n\nlorafleet / vLLM server by clients (median of paired windows; each pair): " + " · ".join(
+        f"{c}: {r['lorafleet_vs_vllm']:.2f}× ({' / '.join(f'{x:.2f}' for x in r['lorafleet_vs_vllm_by_pair'])})"
+        for c, r in per_level.items() if r["lorafleet_vs_vllm"])
     if cold:
         md += (f"\n\ncold adapter (100 registered, 8 resident): time to first token p50 "
                f"{cold['cold_ttft_p50_s']:.3f}s vs {cold['warm_ttft_p50_s']:.3f}s once resident")
