@@ -55,6 +55,9 @@ class Metrics:
         self.in_flight = Gauge("lorafleet_requests_in_flight", "Requests being served", registry=r)
 
 
+UNLOAD_NOTICE_S = 600.0
+
+
 @dataclass
 class Frontend:
     served_name: str
@@ -70,6 +73,16 @@ class Frontend:
     metrics: Metrics = field(default_factory=Metrics)
     per_key_in_flight: defaultdict = field(default_factory=lambda: defaultdict(int))
     draining: bool = False
+    # Adapters unloaded through the admin API, by time. The unload reaches one engine replica;
+    # every request tells the replica it lands on to free these too (Ray Serve has no broadcast),
+    # for UNLOAD_NOTICE_S, after which LRU eviction is left to do it.
+    unloaded: dict[str, float] = field(default_factory=dict)
+
+    def recently_unloaded(self) -> list[str]:
+        cutoff = time.monotonic() - UNLOAD_NOTICE_S
+        for name in [n for n, t in self.unloaded.items() if t < cutoff]:
+            del self.unloaded[name]
+        return list(self.unloaded)
 
     def drain(self) -> int:
         """Refuse new requests (503; /ready fails so load balancers stop sending); return how many run."""
@@ -232,6 +245,7 @@ def build_app(fe: Frontend) -> FastAPI:
             raise OpenAIError(400, f"adapter {req.lora_name} is already registered; unload it first or pass "
                                    "load_inplace: true", param="lora_name")
         await asyncio.to_thread(fe.registry.register, req.lora_name, req.lora_path, req.load_inplace)
+        fe.unloaded.pop(req.lora_name, None)  # the name is back: replicas tell versions apart themselves
         if existing:
             # Free the old weights here now; other replicas see the new version on their next request.
             await fe.backend.unload(req.lora_name)
@@ -246,6 +260,7 @@ def build_app(fe: Frontend) -> FastAPI:
         if fe.registry.unregister(req.lora_name) is None:
             raise OpenAIError(404, f"adapter {req.lora_name} is not registered", param="lora_name",
                               code="model_not_found")
+        fe.unloaded[req.lora_name] = time.monotonic()
         await fe.backend.unload(req.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
@@ -342,7 +357,7 @@ def build_app(fe: Frontend) -> FastAPI:
         params = sampling(req, len(prompt_ids))
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         call = {"prompt_ids": prompt_ids, "params": params, "adapter": adapter, "request_id": rid,
-                "stream": req.stream}
+                "stream": req.stream, "unloaded": fe.recently_unloaded()}
         slot = _Slot(request.state.key)
         slot.__enter__()
         try:

@@ -277,21 +277,34 @@ class ModelServer:
             log.info("adapter %s loaded (id %d); resident %d/%d", name, int_id, len(self.resident), self.max_resident)
             return (name, int_id, path), evicted, True
 
-    async def _evict(self, name: str) -> None:
+    async def _evict(self, name: str, why: str = "LRU") -> None:
         int_id = self.resident.pop(name)[0]
         await self.engine.remove_adapter(int_id)
         self.evictions += 1
-        log.info("adapter %s evicted (LRU)", name)
+        log.info("adapter %s evicted (%s)", name, why)
 
     async def unload(self, name: str) -> bool:
         async with self._locks[name]:
             if name not in self.resident:
                 return False
-            await self._evict(name)
+            await self._evict(name, "unloaded")
             return True
+
+    async def forget(self, names: list[str]) -> list[str]:
+        """Free adapters unloaded through another replica (the ingress lists them), unless in use here."""
+        freed = []
+        for name in names:
+            if name in self.resident and self.in_flight[name] == 0:
+                async with self._locks[name]:
+                    if name in self.resident and self.in_flight[name] == 0:
+                        await self._evict(name, "unloaded through another replica")
+                        freed.append(name)
+        return freed
 
     async def generate(self, call: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Run one request; yields wire dicts (deltas, then a final one). `call` comes from the ingress."""
+        if call.get("unloaded"):
+            await self.forget(call["unloaded"])
         adapter = call.get("adapter")
         ref, evicted, loaded = None, [], False
         if adapter:

@@ -296,3 +296,36 @@ def test_lean_ray_defaults_only_for_a_ray_started_here():
     assert local_ray_environment(None, {"RAY_ADDRESS": "head:6379"}) == {}
     kept = local_ray_environment(None, {"RAY_enable_metrics_collection": "1"})
     assert "RAY_enable_metrics_collection" not in kept and len(kept) == len(LOCAL_RAY_DEFAULTS) - 1
+
+
+def test_unload_frees_the_adapter_on_every_replica(stack):
+    # Ray Serve routes the admin unload to one engine replica; the others learn it from the next
+    # request they get (the ingress lists recent unloads in every call) and free it then.
+    replicas = [ModelServer(FakeEngine(), max_resident=4), ModelServer(FakeEngine(), max_resident=4)]
+    turn = iter(range(10**6))
+
+    class TwoReplicas:
+        def generate(self, call):
+            return replicas[next(turn) % 2].generate(call)
+
+        async def unload(self, name):
+            await replicas[0].unload(name)
+
+        async def health(self):
+            pass
+
+    stack.fe.backend = TwoReplicas()
+    ask = lambda model: stack.oai.completions.create(model=model, prompt="x", max_tokens=1)  # noqa: E731
+    ask("alpha"), ask("alpha")  # one request on each replica: both hold alpha
+    assert all("alpha" in r.resident for r in replicas)
+    assert post(stack, "/v1/unload_lora_adapter", {"lora_name": "alpha"}, key="sk-admin").status_code == 200
+    assert "alpha" not in replicas[0].resident and "alpha" in replicas[1].resident
+    ask("beta"), ask("beta")  # the next request on replica 1 carries the notice
+    assert not any("alpha" in r.resident for r in replicas)
+    assert replicas[1].engine.removed, "the engine was not asked to remove the adapter"
+    # registered again: no longer listed as unloaded, loads as usual
+    path = str(stack.src / "alpha")
+    assert post(stack, "/v1/load_lora_adapter", {"lora_name": "alpha", "lora_path": path},
+                key="sk-admin").status_code == 200
+    assert stack.fe.recently_unloaded() == []
+    assert ask("alpha").choices[0].text.startswith("alpha")
