@@ -154,6 +154,9 @@ class VllmEngine:
         log.info("engine: %s, dtype %s, %s", model, kwargs["dtype"],
                  f"LoRA on (max_lora_rank {max_lora_rank}, max_loras {max_loras})" if enable_lora
                  else "LoRA off (a base or merged model alone)")
+        from serve.orphan_guard import PARENT_ENV
+
+        os.environ[PARENT_ENV] = str(os.getpid())  # the engine process ends if this one is killed
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         self.max_model_len = self.engine.model_config.max_model_len
         self.enable_lora = enable_lora

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -284,3 +285,42 @@ def test_graceful_shutdown_finishes_in_flight_requests(served):
     t.join(120)
     assert got.get("tokens") == 150, got
     assert served.proc.wait(timeout=120) == 0
+
+
+def test_engine_process_ends_with_a_killed_replica(tiny_base, tmp_path, root):
+    # A replica SIGKILLed (OOM killer, `ray stop --force`) cannot shut its vLLM engine down: the
+    # engine process watches its parent and ends itself, with its workers.
+    import psutil
+
+    script = tmp_path / "replica.py"
+    script.write_text(
+        "import time\n"
+        "from lorafleet.config import EngineSection\n"
+        "from serve.engine import VllmEngine\n"
+        "if __name__ == '__main__':\n"
+        f"    VllmEngine({str(tiny_base)!r}, EngineSection(dtype='float32', max_model_len=256,"
+        " cpu_kvcache_space_gb=0.5), False, 16, 1, 1, 'tiny')\n"
+        "    print('READY', flush=True)\n"
+        "    time.sleep(600)\n")
+    log = tmp_path / "replica.log"
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=root, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while "READY" not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        engine = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name().startswith("VLLM::")]
+        assert engine, "no vLLM process under the replica"
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            alive = [p for p in engine if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            if not alive:
+                break
+            time.sleep(1)
+        assert not alive, f"orphaned: {[(p.pid, p.name()) for p in alive]}"
+    finally:
+        with contextlib.suppress(Exception):
+            os.killpg(proc.pid, signal.SIGKILL)
