@@ -81,16 +81,18 @@ def session_processes(proc: subprocess.Popen) -> list:
     return out
 
 
-def freeze(proc: subprocess.Popen) -> None:
+def signal_session(proc: subprocess.Popen, sig: int) -> None:
     for p in session_processes(proc):
         with contextlib.suppress(Exception):
-            p.send_signal(signal.SIGSTOP)
+            p.send_signal(sig)
+
+
+def freeze(proc: subprocess.Popen) -> None:
+    signal_session(proc, signal.SIGSTOP)
 
 
 def thaw(proc: subprocess.Popen) -> None:
-    for p in session_processes(proc):
-        with contextlib.suppress(Exception):
-            p.send_signal(signal.SIGCONT)
+    signal_session(proc, signal.SIGCONT)
 
 
 @contextlib.contextmanager
@@ -322,9 +324,11 @@ def main() -> None:
     ratios = {"lorafleet_vs_vllm": paired("lorafleet", "vLLM server")[0],
               "lorafleet_vs_peft": paired("lorafleet", "transformers+peft")[0],
               "lora_overhead_mixed_over_base": paired("lorafleet", "lorafleet, base only")[0]}
-    per_level = {c: {"lorafleet_vs_vllm": paired("lorafleet", "vLLM server", c)[0],
-                     "lorafleet_vs_vllm_by_pair": paired("lorafleet", "vLLM server", c)[1],
-                     "lorafleet_vs_peft": paired("lorafleet", "transformers+peft", c)[0]} for c in levels}
+    per_level = {}
+    for c in levels:
+        vs_vllm, pairs = paired("lorafleet", "vLLM server", c)
+        per_level[c] = {"lorafleet_vs_vllm": vs_vllm, "lorafleet_vs_vllm_by_pair": pairs,
+                        "lorafleet_vs_peft": paired("lorafleet", "transformers+peft", c)[0]}
     cols = ["server", "clients", "requests", "errors", "tokens_per_s", "by_round", "ttft_p50_s", "latency_p50_s",
             "latency_p99_s"]
     rows = [{"server": k, "clients": c, **{m: v.get(m) for m in cols[2:]},
