@@ -25,15 +25,19 @@ FROM cpu-base AS serve-cpu
 # torch's CPU wheel first (PyPI's torch is the CUDA build), from PyTorch's CPU index or, for
 # offline builds, a wheel directory mounted at /wheels (podman build -v DIR:/wheels:ro).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md ./
+# Dependencies first, from pyproject.toml alone: a change to lorafleet's sources rebuilds only
+# the last, small layer.
+COPY pyproject.toml README.md scripts/requirements.py ./
+RUN mkdir -p /wheels \
+    && python3 requirements.py cpu > /tmp/requirements.txt \
+    && pip install --find-links /wheels --extra-index-url "${TORCH_INDEX_URL}" "torch==2.13.0" \
+    && pip install --find-links /wheels --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements.txt \
+    && (pip uninstall -y torchvision torchaudio torchcodec || true)
 COPY lorafleet ./lorafleet
 COPY train ./train
 COPY merge ./merge
 COPY serve ./serve
-RUN mkdir -p /wheels \
-    && pip install --find-links /wheels --extra-index-url "${TORCH_INDEX_URL}" "torch==2.13.0" \
-    && pip install --find-links /wheels --extra-index-url "${TORCH_INDEX_URL}" ".[cpu]" \
-    && (pip uninstall -y torchvision torchaudio torchcodec || true)
+RUN pip install --no-deps --find-links /wheels .
 USER 1000:1000
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
@@ -53,14 +57,16 @@ RUN apt-get update \
     && (userdel -r ubuntu 2>/dev/null || true) \
     && useradd --create-home --uid 1000 --user-group lorafleet
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md scripts/requirements.py ./
+
+FROM gpu-base AS train
+RUN python3 requirements.py > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt "bitsandbytes==0.50.2"
 COPY lorafleet ./lorafleet
 COPY train ./train
 COPY merge ./merge
 COPY serve ./serve
-
-FROM gpu-base AS train
-RUN pip install "." "bitsandbytes==0.50.2"
+RUN pip install --no-deps .
 USER 1000:1000
 ENTRYPOINT ["python", "-m", "train"]
 
@@ -68,7 +74,13 @@ FROM train AS merge
 ENTRYPOINT ["python", "-m", "merge"]
 
 FROM gpu-base AS serve
-RUN pip install ".[gpu]"
+RUN python3 requirements.py gpu > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
+COPY lorafleet ./lorafleet
+COPY train ./train
+COPY merge ./merge
+COPY serve ./serve
+RUN pip install --no-deps .
 USER 1000:1000
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \

@@ -64,15 +64,18 @@ def same_cpu_cores() -> dict[str, str]:
 
 
 def stop(proc: subprocess.Popen) -> None:
+    left = session_processes(proc)
     stop_server(proc, grace_s=60)
-    subprocess.run(["pkill", "-9", "-f", "VLLM::EngineCore"], check=False)  # an engine orphaned by a killed parent
+    for p in left:  # whatever of the server's session outlived it (none is expected): not the next run's problem
+        with contextlib.suppress(Exception):
+            p.kill()
 
 
 def session_processes(proc: subprocess.Popen) -> list:
     """Every process of the server's session: for lorafleet, Ray's (GCS, raylet, workers) and vLLM's."""
     import psutil
 
-    sid = os.getsid(proc.pid)
+    sid = proc.pid  # started with start_new_session: the server leads its session, even after it exits
     out = []
     for p in psutil.process_iter():
         with contextlib.suppress(Exception):

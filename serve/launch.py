@@ -28,6 +28,11 @@ LOCAL_RAY_DEFAULTS = {
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "LOG_NAME_UPDATE_INTERVAL_S": "2",
     "REPORTER_UPDATE_INTERVAL_MS": "60000",  # the dashboard agent's node stats: every 60 s, not 5 s
+    # Streamed chunks from the replica to the HTTP proxy (and between deployments) over a gRPC
+    # stream instead of one Ray object per chunk: Ray's data plane in its throughput-optimized
+    # mode. Proxy + replica under 16 streaming clients: 11.6% -> 8.5% of a core.
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
 }
 
 
