@@ -14,7 +14,7 @@ from lorafleet.config import ServeConfig
 # lorafleet starts for itself runs next to the model, whose threads take every core on a CPU
 # node: each background wakeup there is taken from a decode step. These settings cut the CPU
 # of Ray's own processes from 17% to 7-8% of a core on an idle server and, under 16 streaming
-# clients, from 23% to 16% (per-process CPU, a 2-core box). Each is only a default: a value in the
+# clients, from 23% to 12.8% (per-process CPU, a 2-core box). Each is only a default: a value in the
 # environment wins. What is given up: Ray's own Prometheus metrics, task history and the
 # dashboard's node stats (lorafleet's /metrics stays), and Serve reconciles every 1 s, not 0.1 s.
 LOCAL_RAY_DEFAULTS = {

@@ -70,7 +70,8 @@ def lorafleet_serve(args: list[str], work: Path, root: Path):
 
 def test_local_ray_runs_without_cluster_extras(served):
     # The Ray that `lorafleet serve` starts for itself gets LOCAL_RAY_DEFAULTS: its GCS, raylet and
-    # Serve controller (where the settings are read) run with them; an operator's value would win.
+    # Serve controller and HTTP proxy (where the settings are read) run with them; an operator's
+    # value would win.
     import psutil
 
     from serve.launch import LOCAL_RAY_DEFAULTS
@@ -79,10 +80,10 @@ def test_local_ray_runs_without_cluster_extras(served):
     seen = {}
     for p in procs:
         name = " ".join(p.cmdline()[:1]) + p.name()
-        for kind in ("gcs_server", "raylet", "ServeController"):
+        for kind in ("gcs_server", "raylet", "ServeController", "ProxyActor"):
             if kind in name:
                 seen[kind] = p.environ()
-    assert set(seen) == {"gcs_server", "raylet", "ServeController"}, sorted(seen)
+    assert set(seen) == {"gcs_server", "raylet", "ServeController", "ProxyActor"}, sorted(seen)
     for kind, env in seen.items():
         for k, v in LOCAL_RAY_DEFAULTS.items():
             assert env.get(k) == os.environ.get(k, v), (kind, k)
