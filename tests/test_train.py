@@ -191,14 +191,16 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 from transformers import Trainer, TrainerCallback
 import train.sft as sft
-MODE, STEP = {mode!r}, 4
+MODE = {mode!r}
+# 8 steps, 5 per epoch, a checkpoint every 2: step 6 is in the second epoch, step 8 the last
+STEP = {{"after_save": 6, "mid_save": 4, "after_last_save": 8}}.get(MODE)
 
 class Marks(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         print("TRAIN_BEGIN", flush=True)
     def on_save(self, args, state, control, **kw):
-        if MODE == "after_save" and state.global_step == STEP:
-            os.kill(os.getpid(), signal.SIGKILL)   # right after checkpoint 4 is complete
+        if MODE.startswith("after_") and state.global_step == STEP:
+            os.kill(os.getpid(), signal.SIGKILL)   # right after checkpoint STEP is complete
 
 orig_build = sft.build_trainer
 def build(*a, **k):
@@ -242,8 +244,9 @@ def _assert_same_adapter(a_dir, b_dir, why):
 
 
 def test_kill_9_then_resume_equals_uninterrupted_run(train_cfg, tmp_path, root):
-    """SIGKILL right after a checkpoint, in the middle of writing one, and at a random moment;
-    each time `--resume` must end with the adapter an uninterrupted run writes."""
+    """SIGKILL right after a checkpoint in the second epoch, in the middle of writing one, right
+    after the last step's checkpoint, and at a random moment; each time `--resume` must end with
+    the adapter an uninterrupted run writes. `--resume` on a finished adapter leaves it as it is."""
     from train.recipe import run
 
     common = dict(training__max_steps=8, training__save_steps=2)
@@ -256,7 +259,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(train_cfg, tmp_path, root):
 
     seed = int(os.environ.get("LORAFLEET_KILL_SEED", random.SystemRandom().randrange(10**6)))
     moment = random.Random(seed).uniform(0, train_window)
-    for mode in ("after_save", "mid_save", "random"):
+    for mode in ("after_save", "mid_save", "after_last_save", "random"):
         cfg = train_cfg(output_dir=str(tmp_path / mode), **common)
         why = f"kill {mode}" + (f" {moment:.2f}s into {train_window:.1f}s of training "
                                 f"(LORAFLEET_KILL_SEED={seed})" if mode == "random" else "")
@@ -272,6 +275,11 @@ def test_kill_9_then_resume_equals_uninterrupted_run(train_cfg, tmp_path, root):
             assert not (tmp_path / "mid_save.checkpoints/checkpoint-4/trainer_state.json").exists()
         resumed = run(cfg, resume=True, log=lambda m: None)
         _assert_same_adapter(straight, resumed, why)
+
+    said, before = [], (straight / "adapter_model.safetensors").stat().st_mtime_ns
+    assert run(straight_cfg, resume=True, log=said.append) == straight
+    assert said == [f"{straight} is already complete: nothing to resume"]
+    assert (straight / "adapter_model.safetensors").stat().st_mtime_ns == before
 
 
 def test_qlora_on_cpu_when_asked(train_cfg):

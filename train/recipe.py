@@ -116,6 +116,25 @@ def latest_complete_checkpoint(work: Path, log: LOG) -> str | None:
     return str(ckpts[-1]) if ckpts else None
 
 
+def checkpoint_state(ckpt: str | Path) -> dict:
+    return json.loads((Path(ckpt) / "trainer_state.json").read_text())
+
+
+def planned_steps(trainer) -> int:
+    """The optimizer steps this run's config asks for (max_steps, or epochs over this data)."""
+    return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+
+
+def finish_from_final_checkpoint(trainer, model, ckpt: Path) -> None:
+    """Take the weights and history of the run's last checkpoint, without training."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+
+
 def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -130,6 +149,12 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     work = out.with_name(out.name + ".checkpoints")
     if out.exists() and not resume:
         raise UserError(f"output_dir {out} already exists; choose another, delete it, or pass --resume to continue")
+    if out.exists():
+        # The adapter is renamed into place only when complete: the run finished (a stop after
+        # that left at most its checkpoints behind). Training again would replace it.
+        log(f"{out} is already complete: nothing to resume")
+        shutil.rmtree(work, ignore_errors=True)
+        return out
     t_start = time.time()
     set_seed(cfg.training.seed)
 
@@ -171,13 +196,19 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
 
     work.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, model, tokenizer, rows, eval_rows, work, device, use_4bit)
-    last_ckpt = None
+    last_ckpt = latest_complete_checkpoint(work, log) if resume else None
+    start_step = checkpoint_state(last_ckpt)["global_step"] if last_ckpt else 0
     if resume:
-        last_ckpt = latest_complete_checkpoint(work, log)
         log(f"resuming from {last_ckpt}" if last_ckpt else "--resume: no checkpoint yet, starting from the beginning")
-    result = trainer.train(resume_from_checkpoint=last_ckpt)
+    if last_ckpt and start_step >= planned_steps(trainer):
+        # The stop came after the last step's checkpoint: the weights are final. The Trainer,
+        # resumed from it, would train one step more than the run asked for.
+        log(f"{Path(last_ckpt).name} holds the run's last step: writing the adapter from it")
+        finish_from_final_checkpoint(trainer, model, Path(last_ckpt))
+        metrics = {"train_runtime": 0.0}
+    else:
+        metrics = dict(trainer.train(resume_from_checkpoint=last_ckpt).metrics)
     train_seconds = time.time() - t_start
-    metrics = dict(result.metrics)
     eval_loss = None
     if eval_rows:
         eval_loss = trainer.evaluate()["eval_loss"]
@@ -190,7 +221,8 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     summary = {
         "steps": trainer.state.global_step,
         "train_runtime_s": round(metrics.get("train_runtime", train_seconds), 2),
-        "steps_per_s": round(trainer.state.global_step / max(metrics.get("train_runtime", 1e-9), 1e-9), 4),
+        # rates of this process's training (a resumed run trained only the steps after its checkpoint)
+        "steps_per_s": round((trainer.state.global_step - start_step) / max(metrics.get("train_runtime", 1e-9), 1e-9), 4),
         "tokens_per_s": round(tokens / max(metrics.get("train_runtime", 1e-9), 1e-9), 1),
         "tokens_seen": tokens,
         "peak_rss_mb": round(peak_rss_mb, 1),

@@ -5,6 +5,9 @@ default `compute_loss` runs a fused LM head that also computes the entropy and t
 over the whole vocabulary for every token, every step, only for logging. `LeanSFTTrainer`
 computes just the masked cross-entropy (the model's own loss), and counts the real (non-pad)
 tokens it trains on, for an honest tokens/s.
+
+And one fix: a run resumed in its second or later epoch must see the same batches an
+uninterrupted run sees (`EpochSeededLengthGroupedSampler`).
 """
 
 from __future__ import annotations
@@ -12,10 +15,35 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from trl import SFTConfig, SFTTrainer
 
 from lorafleet.config import TrainConfig
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """Length-grouped order drawn from (data seed, epoch) instead of the global torch RNG.
+
+    transformers builds its length-grouped train sampler without a generator, so every epoch's
+    order comes from the global RNG as it happens to be when the epoch starts. A run resumed
+    inside epoch 2 starts from a freshly seeded RNG and replays epoch 1's order (the checkpoint's
+    RNG state is restored only after the epoch's order is drawn): its adapter differs from an
+    uninterrupted run's. Seeded by epoch (the Trainer calls `set_epoch` on the sampler, also on
+    the batch-skipping loader it resumes with), the order depends on the epoch alone.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
 
 class LeanSFTTrainer(SFTTrainer):
@@ -34,6 +62,13 @@ class LeanSFTTrainer(SFTTrainer):
         # normalised by the token count across gradient-accumulation steps.
         return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:  # the random strategy is already seeded per epoch (accelerate)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
 
 
 def sft_config(cfg: TrainConfig, work: Path, device: str, use_4bit: bool, has_eval: bool) -> SFTConfig:
