@@ -40,6 +40,13 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         raise
 
 
+def leftovers(out: str | os.PathLike) -> list[Path]:
+    """Temp and moved-aside directories a killed writer of `out` left next to it."""
+    out = Path(out)
+    return sorted(p for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*") for p in out.parent.glob(pattern)
+                  if p.is_dir())
+
+
 def swap_in(new: Path, out: Path) -> None:
     """Rename the finished directory `new` to `out`, replacing what is there.
 

@@ -275,10 +275,14 @@ def test_kill_9_then_resume_equals_uninterrupted_run(train_cfg, tmp_path, root):
             assert not (tmp_path / "mid_save.checkpoints/checkpoint-4/trainer_state.json").exists()
         resumed = run(cfg, resume=True, log=lambda m: None)
         _assert_same_adapter(straight, resumed, why)
+        assert not list(tmp_path.glob(f".{mode}.*")), f"{why}: a temp directory was left behind"
 
+    (tmp_path / ".straight.tmp-killed").mkdir()  # what a kill while writing the adapter leaves
     said, before = [], (straight / "adapter_model.safetensors").stat().st_mtime_ns
     assert run(straight_cfg, resume=True, log=said.append) == straight
-    assert said == [f"{straight} is already complete: nothing to resume"]
+    assert said == [f"removing .straight.tmp-killed: left by a run stopped while writing straight",
+                    f"{straight} is already complete: nothing to resume"]
+    assert not (tmp_path / ".straight.tmp-killed").exists()
     assert (straight / "adapter_model.safetensors").stat().st_mtime_ns == before
 
 

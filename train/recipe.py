@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from lorafleet.atomic import atomic_dir
+from lorafleet.atomic import atomic_dir, leftovers
 from lorafleet.config import TrainConfig
 from lorafleet.errors import UserError
 
@@ -149,6 +149,9 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     work = out.with_name(out.name + ".checkpoints")
     if out.exists() and not resume:
         raise UserError(f"output_dir {out} already exists; choose another, delete it, or pass --resume to continue")
+    for stale in leftovers(out) if resume else []:
+        log(f"removing {stale.name}: left by a run stopped while writing {out.name}")
+        shutil.rmtree(stale, ignore_errors=True)
     if out.exists():
         # The adapter is renamed into place only when complete: the run finished (a stop after
         # that left at most its checkpoints behind). Training again would replace it.
