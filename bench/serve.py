@@ -24,7 +24,13 @@ CPU), thawed 3 s before its next window. Each client count gets `--rounds` windo
 in alternating order; every figure is the median over its windows, and the ratios are medians of
 the ratios of neighbouring windows (each pair is in the JSON).
 
+With `--model-cores 0`, both vLLM servers run the model on CPU 0 alone (VLLM_CPU_OMP_THREADS_BIND)
+and every other thread of theirs (Ray's processes, the API servers, vLLM's engine loop) and the load
+generator on the other CPUs: what is left of the gap when serving does not share the model's cores,
+as on a GPU node.
+
     python bench/serve.py [--concurrency 1,4,16] [--requests-per-client 4] [--rounds 3] [--max-tokens 64]
+                          [--model-cores 0]
 """
 
 from __future__ import annotations
@@ -96,6 +102,25 @@ def freeze(proc: subprocess.Popen) -> None:
 
 def thaw(proc: subprocess.Popen) -> None:
     signal_session(proc, signal.SIGCONT)
+
+
+ALL_CPUS = frozenset(os.sched_getaffinity(0))
+
+
+def keep_off_model_cores(proc: subprocess.Popen, model_cores: set[int]) -> int:
+    """Move every thread of the server's session that vLLM did not bind to the model's cores onto the
+    other CPUs (threads inherit the mask, so later ones follow); returns the threads left on the model's."""
+    rest = set(ALL_CPUS - model_cores)
+    on_model = 0
+    for p in session_processes(proc):
+        with contextlib.suppress(Exception):
+            for tid in (int(t) for t in os.listdir(f"/proc/{p.pid}/task")):
+                with contextlib.suppress(OSError):
+                    if os.sched_getaffinity(tid) <= model_cores:
+                        on_model += 1  # one of the model's OpenMP threads
+                    else:
+                        os.sched_setaffinity(tid, rest)
+    return on_model
 
 
 @contextlib.contextmanager
@@ -216,7 +241,13 @@ def main() -> None:
                     help="add the last bench/results/serve.json's results for targets and client counts not "
                          "measured in this run (same settings): e.g. one more --concurrency level")
     ap.add_argument("--name", default="serve", help="results file name (bench/results/NAME.json, NAME.png)")
+    ap.add_argument("--model-cores", default=None,
+                    help="CPU ids (e.g. 0) for the vLLM servers' model threads; everything else of theirs and the "
+                         "load generator on the other CPUs (the peft server is not confined)")
     args = ap.parse_args()
+    model_cores = set(map(int, args.model_cores.split(","))) if args.model_cores else set()
+    if model_cores and not model_cores < ALL_CPUS:
+        ap.error(f"--model-cores {args.model_cores}: must be some, not all, of this process's CPUs {sorted(ALL_CPUS)}")
     from lorafleet.models import resolve_model
     from serve.engine import cpu_library_preload, pick_dtype
 
@@ -245,10 +276,15 @@ def main() -> None:
         port = free_port()
         cmd = [c.replace("{PORT}", str(port)) for c in cmd]
         log = work / f"{label.split()[0]}.log"
+        if model_cores and label != "transformers+peft":
+            env = {**(env or {}), "VLLM_CPU_OMP_THREADS_BIND": args.model_cores}
         proc = start(cmd, log, env)
         url = f"http://127.0.0.1:{port}"
         try:
             startups.setdefault(label, []).append(wait_until_serving(url, proc, log))
+            if model_cores and label != "transformers+peft":
+                print(f"{label}: {keep_off_model_cores(proc, model_cores)} threads on CPUs {sorted(model_cores)}, "
+                      f"the rest elsewhere", flush=True)
             asyncio.run(load(url, requests_for(adapters, 2), 2, 8, stream))
         except BaseException:
             stop(proc)
@@ -276,11 +312,15 @@ def main() -> None:
                 "16", "--max-loras", "2", "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()],
                 "--disable-log-stats"], env={"LD_PRELOAD": preload})
             freeze(servers["vLLM server"][0])
+        if model_cores:  # the load generator too; servers started later (peft) get every CPU back
+            os.sched_setaffinity(0, ALL_CPUS - model_cores)
         for c in levels:
             for i in range(args.rounds):
                 for label in (list(servers) if i % 2 == 0 else list(servers)[::-1]):
                     proc, url = servers[label]
                     with thawed(proc):
+                        if model_cores:  # threads started since (Ray's, vLLM's) join the rest
+                            keep_off_model_cores(proc, model_cores)
                         window(label, c, args.requests_per_client, url)
                         if label == "lorafleet" and c == top:  # the same load on the base alone: LoRA overhead
                             window(f"{label}, base only", c, args.requests_per_client, url, model_override=BASE_NAME)
@@ -289,6 +329,8 @@ def main() -> None:
             thaw(proc)
         for proc, _ in servers.values():
             stop(proc)
+    if model_cores:
+        os.sched_setaffinity(0, ALL_CPUS)
     if "peft" not in args.skip:  # far from the others: one round tells
         proc, url = up("transformers+peft", [
             sys.executable, "bench/peft_server.py", "--base", base, "--base-name", BASE_NAME, "--port", "{PORT}",
@@ -353,7 +395,7 @@ def main() -> None:
                 "lora_kernel": os.environ.get("LORAFLEET_LORA_KERNEL", "grouped"), "concurrency": levels,
                 "ld_preload": preload,
                 "requests_per_client": args.requests_per_client, "min_requests": args.min_requests,
-                "rounds": args.rounds, "max_tokens": args.max_tokens}
+                "rounds": args.rounds, "max_tokens": args.max_tokens, "model_cores": args.model_cores}
     save(args.name, {"command": " ".join(filter(None, [env, "python bench/serve.py", *sys.argv[1:]])),
                      "sweep": {k: {str(c): v for c, v in by_c.items()} for k, by_c in sweep.items()},
                      "startup_s": startup, "ratios": ratios, "ratios_by_clients": per_level, "cold_adapter": cold,
