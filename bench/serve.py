@@ -27,7 +27,9 @@ the ratios of neighbouring windows (each pair is in the JSON).
 With `--model-cores 0`, both vLLM servers run the model on CPU 0 alone (VLLM_CPU_OMP_THREADS_BIND)
 and every other thread of theirs (Ray's processes, the API servers, vLLM's engine loop) and the load
 generator on the other CPUs: what is left of the gap when serving does not share the model's cores,
-as on a GPU node.
+as on a GPU node. It needs several CPUs left over: vLLM's engine loop keeps one busy while requests
+run, and on a 2-CPU machine the one left is not enough for Ray's processes too (lorafleet's time to
+first token at 4 clients: 7 s vs vLLM's server 1 s).
 
     python bench/serve.py [--concurrency 1,4,16] [--requests-per-client 4] [--rounds 3] [--max-tokens 64]
                           [--model-cores 0]
@@ -159,6 +161,7 @@ async def load(url: str, reqs: list[tuple[str, str]], concurrency: int, max_toke
 
     queue = list(reqs)
     ttfts, lats, toks, errors = [], [], [], 0
+    error_kinds: dict[str, int] = {}
 
     async def client(c: httpx.AsyncClient):
         nonlocal errors
@@ -189,8 +192,10 @@ async def load(url: str, reqs: list[tuple[str, str]], concurrency: int, max_toke
                     ttfts.append(time.perf_counter() - t0)
                 lats.append(time.perf_counter() - t0)
                 toks.append(n)
-            except Exception:  # counted and reported; a benchmark keeps going
+            except Exception as e:  # counted and reported; a benchmark keeps going
                 errors += 1
+                kind = f"{type(e).__name__}: {e}"[:160]
+                error_kinds[kind] = error_kinds.get(kind, 0) + 1
 
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=600) as c:
@@ -203,7 +208,7 @@ async def load(url: str, reqs: list[tuple[str, str]], concurrency: int, max_toke
 
     return {"requests": len(lats), "errors": errors, "tokens": sum(toks), "wall_s": wall,
             "tokens_per_s": sum(toks) / wall, "ttft_p50_s": pct(ttfts, 0.5), "latency_p50_s": pct(lats, 0.5),
-            "latency_p99_s": pct(lats, 0.99)}
+            "latency_p99_s": pct(lats, 0.99), "error_kinds": error_kinds}
 
 
 def ensure_adapters() -> dict[str, Path]:
@@ -269,7 +274,8 @@ def main() -> None:
     def record(key, c, r):
         rounds.setdefault(key, {}).setdefault(c, []).append(r)
         print(f"{key} @ {c} clients: {r['tokens_per_s']:.1f} tokens/s, TTFT p50 {r['ttft_p50_s']:.2f}s, "
-              f"p99 {r['latency_p99_s']:.2f}s, errors {r['errors']}", flush=True)
+              f"p99 {r['latency_p99_s']:.2f}s, errors {r['errors']}"
+              + (f" {r['error_kinds']}" if r["errors"] else ""), flush=True)
 
     def up(label, cmd, stream=True, env=None):
         """Start a server, wait until it answers, warm it up (adapters loaded, kernels ready)."""
@@ -409,7 +415,8 @@ def median_round(results: list[dict]) -> dict:
     out = {k: statistics.median(vs) if (vs := [r[k] for r in results if r[k] is not None]) else None for k in keys}
     return {**out, "requests": results[0]["requests"], "errors": sum(r["errors"] for r in results),
             "tokens": sum(r["tokens"] for r in results), "rounds": len(results),
-            "tokens_per_s_by_round": [round(r["tokens_per_s"], 2) for r in results]}
+            "tokens_per_s_by_round": [round(r["tokens_per_s"], 2) for r in results],
+            "error_kinds": [r.get("error_kinds") for r in results if r.get("errors")]}
 
 
 def cold_adapters(work: Path, adapters: dict[str, Path]) -> dict:
