@@ -51,7 +51,8 @@ def prepare_base(out: Optional[Path] = typer.Option(None, help="Directory to wri
 @user_errors
 def train(config: Path = typer.Argument(..., help="Training YAML (see examples/)."),
           set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
-          resume: bool = typer.Option(False, help="Continue from the last checkpoint of this output_dir.")):
+          resume: bool = typer.Option(False, help="Continue from the last checkpoint of this output_dir; "
+                                                   "a finished adapter is left as it is.")):
     """Fine-tune a LoRA adapter (QLoRA on CUDA) and write a PEFT adapter directory."""
     from lorafleet.config import TrainConfig, load_config
     from train.recipe import run
