@@ -119,7 +119,7 @@ def keep_off_model_cores(proc: subprocess.Popen, model_cores: set[int]) -> int:
             for tid in (int(t) for t in os.listdir(f"/proc/{p.pid}/task")):
                 with contextlib.suppress(OSError):
                     if os.sched_getaffinity(tid) <= model_cores:
-                        on_model += 1  # one of the model's OpenMP threads
+                        on_model += 1  # bound there by vLLM: its model worker's threads
                     else:
                         os.sched_setaffinity(tid, rest)
     return on_model
@@ -282,13 +282,14 @@ def main() -> None:
         port = free_port()
         cmd = [c.replace("{PORT}", str(port)) for c in cmd]
         log = work / f"{label.split()[0]}.log"
-        if model_cores and label != "transformers+peft":
+        confine = bool(model_cores) and label != "transformers+peft"
+        if confine:
             env = {**(env or {}), "VLLM_CPU_OMP_THREADS_BIND": args.model_cores}
         proc = start(cmd, log, env)
         url = f"http://127.0.0.1:{port}"
         try:
             startups.setdefault(label, []).append(wait_until_serving(url, proc, log))
-            if model_cores and label != "transformers+peft":
+            if confine:
                 print(f"{label}: {keep_off_model_cores(proc, model_cores)} threads on CPUs {sorted(model_cores)}, "
                       f"the rest elsewhere", flush=True)
             asyncio.run(load(url, requests_for(adapters, 2), 2, 8, stream))

@@ -280,7 +280,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(train_cfg, tmp_path, root):
     (tmp_path / ".straight.tmp-killed").mkdir()  # what a kill while writing the adapter leaves
     said, before = [], (straight / "adapter_model.safetensors").stat().st_mtime_ns
     assert run(straight_cfg, resume=True, log=said.append) == straight
-    assert said == [f"removing .straight.tmp-killed: left by a run stopped while writing straight",
+    assert said == ["removing .straight.tmp-killed: left by a run stopped while writing straight",
                     f"{straight} is already complete: nothing to resume"]
     assert not (tmp_path / ".straight.tmp-killed").exists()
     assert (straight / "adapter_model.safetensors").stat().st_mtime_ns == before
