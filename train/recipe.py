@@ -116,29 +116,24 @@ def latest_complete_checkpoint(work: Path, log: LOG) -> str | None:
     return str(ckpts[-1]) if ckpts else None
 
 
-def checkpoint_state(ckpt: str | Path) -> dict:
-    return json.loads((Path(ckpt) / "trainer_state.json").read_text())
-
-
 def planned_steps(trainer) -> int:
     """The optimizer steps this run's config asks for (max_steps, or epochs over this data)."""
     return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
 
 
-def finish_from_final_checkpoint(trainer, model, ckpt: Path) -> None:
-    """Take the weights and history of the run's last checkpoint, without training."""
+def finish_from_final_checkpoint(trainer, model, ckpt: Path, state) -> None:
+    """Take the weights and history (`state`, its TrainerState) of the run's last checkpoint, without training."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    from transformers import TrainerState
 
     set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-    trainer.state = TrainerState.load_from_json(str(ckpt / "trainer_state.json"))
+    trainer.state = state
 
 
 def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoTokenizer, set_seed
+    from transformers import AutoTokenizer, TrainerState, set_seed
 
     from lorafleet.models import base_fingerprint, resolve_model
     from lorafleet.templates import resolve_template
@@ -200,14 +195,15 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, model, tokenizer, rows, eval_rows, work, device, use_4bit)
     last_ckpt = latest_complete_checkpoint(work, log) if resume else None
-    start_step = checkpoint_state(last_ckpt)["global_step"] if last_ckpt else 0
+    ckpt_state = TrainerState.load_from_json(str(Path(last_ckpt) / "trainer_state.json")) if last_ckpt else None
+    start_step = ckpt_state.global_step if ckpt_state else 0
     if resume:
         log(f"resuming from {last_ckpt}" if last_ckpt else "--resume: no checkpoint yet, starting from the beginning")
     if last_ckpt and start_step >= planned_steps(trainer):
         # The stop came after the last step's checkpoint: the weights are final. The Trainer,
         # resumed from it, would train one step more than the run asked for.
         log(f"{Path(last_ckpt).name} holds the run's last step: writing the adapter from it")
-        finish_from_final_checkpoint(trainer, model, Path(last_ckpt))
+        finish_from_final_checkpoint(trainer, model, Path(last_ckpt), ckpt_state)
         metrics = {"train_runtime": 0.0}
     else:
         metrics = dict(trainer.train(resume_from_checkpoint=last_ckpt).metrics)
@@ -221,12 +217,13 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     # --- write the adapter directory in one piece
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tokens = trainer.seen_tokens
+    runtime = max(metrics.get("train_runtime", 1e-9), 1e-9)
     summary = {
         "steps": trainer.state.global_step,
         "train_runtime_s": round(metrics.get("train_runtime", train_seconds), 2),
         # rates of this process's training (a resumed run trained only the steps after its checkpoint)
-        "steps_per_s": round((trainer.state.global_step - start_step) / max(metrics.get("train_runtime", 1e-9), 1e-9), 4),
-        "tokens_per_s": round(tokens / max(metrics.get("train_runtime", 1e-9), 1e-9), 1),
+        "steps_per_s": round((trainer.state.global_step - start_step) / runtime, 4),
+        "tokens_per_s": round(tokens / runtime, 1),
         "tokens_seen": tokens,
         "peak_rss_mb": round(peak_rss_mb, 1),
         "peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None,
