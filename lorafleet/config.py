@@ -191,12 +191,20 @@ class ServeConfig(_Strict):
     topology: Literal["auto", "fused", "split"] = Field(
         "auto", description="fused: HTTP and engine in one replica (one hop less, one replica); split: an "
                             "ingress routes to autoscaled engine replicas; auto: fused when max_replicas is 1.")
+    http_listener: Literal["auto", "replica", "proxy"] = Field(
+        "auto", description="Who takes HTTP connections on host:port. proxy: Ray Serve's HTTP proxy; replica: "
+                            "the fused replica itself, as vLLM's server does (one process hop less per streamed "
+                            "chunk); auto: replica when the topology is fused and `lorafleet serve` starts its own Ray "
+                            "(a RayService always uses the proxy).")
 
     @model_validator(mode="after")
     def _fused_is_one_replica(self) -> "ServeConfig":
         if self.topology == "fused" and self.autoscaling.max_replicas > 1:
             raise ValueError(f"topology fused runs one replica, but autoscaling.max_replicas is "
                              f"{self.autoscaling.max_replicas}; use topology split (or auto) to scale out")
+        if self.http_listener == "replica" and not self.fused:
+            raise ValueError("http_listener replica needs the fused topology (one replica): with several "
+                             "replicas Ray Serve's proxy routes the requests; use http_listener proxy or auto")
         return self
 
     @property

@@ -13,7 +13,10 @@ Requests for different adapters on one replica are batched together by vLLM.
 
 fused (one replica, the default when max_replicas is 1): the same FastAPI app and the engine
 in one replica. With nothing to route, the ingress hop only cost CPU: every streamed chunk
-crossed one more process boundary.
+crossed one more process boundary. Where `lorafleet serve` runs its own Ray, the fused replica
+also takes the HTTP connections itself (serve/listener.py), so Ray Serve's proxy is left out too:
+
+    client ──HTTP──▶ LLMServer replica (FastAPI + vLLM AsyncLLM)
 """
 
 from __future__ import annotations
@@ -132,8 +135,9 @@ def _make_server(cfg_json: str, model_path: str, plan: dict[str, Any]) -> ModelS
     return ModelServer(engine, c.max_resident_adapters)
 
 
-def build_app(cfg: ServeConfig, model_path: str):
-    """The Ray Serve application for `serve.run`."""
+def build_app(cfg: ServeConfig, model_path: str, listen: tuple[str, int] | None = None):
+    """The Ray Serve application for `serve.run`. `listen` (host, port): the fused replica takes
+    HTTP connections itself there (serve/listener.py) instead of behind Ray Serve's proxy."""
     plan = engine_plan(cfg, model_path)
     cfg_json = cfg.model_dump_json()
     max_resident = cfg.max_resident_adapters
@@ -142,7 +146,9 @@ def build_app(cfg: ServeConfig, model_path: str):
     # Ray Serve replaces a replica whose check fails: a dead engine process fails it.
     health = dict(health_check_period_s=5, health_check_timeout_s=30)
     if cfg.fused:
-        return _fused_app(cfg_json, model_path, plan, actor_options, health)
+        return _fused_app(cfg_json, model_path, plan, actor_options, health, listen)
+    if listen is not None:
+        raise ValueError("only the fused topology (one replica) listens itself; split needs Ray Serve's proxy")
 
     @serve.deployment(
         name="LLMServer",
@@ -224,7 +230,8 @@ def build_app(cfg: ServeConfig, model_path: str):
 _REPLICA: dict[str, Any] = {}
 
 
-def _fused_app(cfg_json: str, model_path: str, plan: dict[str, Any], actor_options: dict, health: dict):
+def _fused_app(cfg_json: str, model_path: str, plan: dict[str, Any], actor_options: dict, health: dict,
+               listen: tuple[str, int] | None):
     def fused_builder():
         from serve.app import build_app as build_http
 
@@ -234,12 +241,13 @@ def _fused_app(cfg_json: str, model_path: str, plan: dict[str, Any], actor_optio
         _REPLICA.update(server=server, frontend=fe)
         return build_http(fe)
 
-    @serve.deployment(name="LLMServer", num_replicas=1, ray_actor_options=actor_options,
-                      max_ongoing_requests=1000, graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=120,
-                      **health)
-    @serve.ingress(fused_builder)
+    options = dict(name="LLMServer", num_replicas=1, ray_actor_options=actor_options, max_ongoing_requests=1000,
+                   graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=120, **health)
+
     class FusedServer:
         async def check_health(self):
+            if "listener" in _REPLICA:
+                _REPLICA["listener"].check()
             if "server" in _REPLICA:
                 await _REPLICA["server"].engine.check_health()
 
@@ -247,10 +255,22 @@ def _fused_app(cfg_json: str, model_path: str, plan: dict[str, Any], actor_optio
             return _REPLICA["frontend"].drain()
 
         def __del__(self):
+            if "listener" in _REPLICA:
+                _REPLICA["listener"].stop()
             if "server" in _REPLICA:
                 _shutdown(_REPLICA["server"])
 
-    return FusedServer.bind()
+    if listen is None:
+        return serve.deployment(**options)(serve.ingress(fused_builder)(FusedServer)).bind()
+
+    class ListeningFusedServer(FusedServer):
+        async def __init__(self):
+            from serve.listener import ReplicaListener
+
+            # on the replica's event loop: the engine's output handler and uvicorn share it
+            _REPLICA["listener"] = await ReplicaListener.start(fused_builder(), *listen)
+
+    return serve.deployment(**options)(ListeningFusedServer).bind()
 
 
 def _shutdown(server: ModelServer) -> None:

@@ -20,4 +20,9 @@ def build(args: dict[str, Any]):
     from serve.deployment import build_app
 
     cfg = ServeConfig.model_validate(args)
+    if cfg.http_listener == "replica":
+        from lorafleet.errors import UserError
+
+        raise UserError("http_listener replica is for `lorafleet serve`: in a RayService, Ray Serve's proxy "
+                        "serves the port (serveConfigV2 http_options); leave http_listener at auto or proxy")
     return build_app(cfg, resolve_model(cfg.model))

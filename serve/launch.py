@@ -9,6 +9,7 @@ import time
 from typing import Callable
 
 from lorafleet.config import ServeConfig
+from lorafleet.errors import UserError
 
 # Ray's defaults suit a cluster of many nodes watched from a dashboard. A local cluster that
 # lorafleet starts for itself runs next to the model, whose threads take every core on a CPU
@@ -45,8 +46,26 @@ def local_ray_environment(address: str | None, environ: dict[str, str] | None = 
     return {k: v for k, v in LOCAL_RAY_DEFAULTS.items() if k not in env}
 
 
+def replica_listens(cfg: ServeConfig, environ: dict[str, str] | None = None) -> bool:
+    """Whether the fused replica takes HTTP connections itself (`http_listener`). `auto` does where
+    lorafleet starts Ray for itself: a cluster's clients and probes expect Ray Serve's proxy."""
+    if cfg.http_listener != "auto":
+        return cfg.http_listener == "replica"
+    env = os.environ if environ is None else environ
+    local = cfg.address in (None, "", "local") and not env.get("RAY_ADDRESS")
+    return cfg.fused and local
+
+
 def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = True) -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")  # else the engine starves on a busy box
+    listen = (cfg.host, cfg.port) if replica_listens(cfg) else None
+    if listen:
+        from serve.listener import bind
+
+        try:  # a taken port fails here, in one line, not after Ray's retries of the replica
+            bind(*listen).close()
+        except RuntimeError as e:
+            raise UserError(str(e)) from None
     os.environ.update(local_ray_environment(cfg.address))  # read by Ray's processes as they start
     import ray
     from ray import serve
@@ -63,10 +82,14 @@ def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = T
     if not ray.is_initialized():
         ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": env}, ignore_reinit_error=True)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    if listen:  # the replica takes the connections: Ray Serve starts no HTTP proxy
+        serve.start(proxy_location="Disabled")
+    else:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
     t0 = time.time()
     log(f"starting {APP_NAME}: model {cfg.model}, adapters {cfg.adapters or 'none (merged/base mode)'}")
-    serve.run(build_app(cfg, model_path), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(build_app(cfg, model_path, listen), name=APP_NAME, route_prefix=None if listen else "/",
+              blocking=False)
     log(f"ready in {time.time() - t0:.0f}s: http://{cfg.host}:{cfg.port}/v1 (OpenAI API)")
     if not block:
         return

@@ -329,3 +329,71 @@ def test_unload_frees_the_adapter_on_every_replica(stack):
                 key="sk-admin").status_code == 200
     assert stack.fe.recently_unloaded() == []
     assert ask("alpha").choices[0].text.startswith("alpha")
+
+
+def test_who_listens_on_the_port():
+    from lorafleet.config import ServeConfig
+    from serve.launch import replica_listens
+
+    assert replica_listens(ServeConfig(), {})  # lorafleet's own Ray, one replica: the replica listens
+    assert not replica_listens(ServeConfig(address="ray://head:10001"), {})  # a cluster keeps Ray's proxy
+    assert not replica_listens(ServeConfig(), {"RAY_ADDRESS": "head:6379"})
+    assert not replica_listens(ServeConfig(autoscaling={"max_replicas": 2}), {})  # several replicas: routed
+    assert not replica_listens(ServeConfig(http_listener="proxy"), {})
+    assert replica_listens(ServeConfig(http_listener="replica", address="ray://head:10001"), {})
+    with pytest.raises(ValueError, match="http_listener replica needs the fused topology"):
+        ServeConfig(http_listener="replica", topology="split")
+
+
+def test_taken_port_is_one_clear_error_before_ray_starts():
+    import socket
+
+    from lorafleet.config import ServeConfig
+    from lorafleet.errors import UserError
+    from serve.launch import launch
+
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        with pytest.raises(UserError, match=rf"cannot listen on 127.0.0.1:{port} .*--port"):
+            launch(ServeConfig(port=port), log=lambda m: None)
+
+
+def test_replica_listener_serves_the_app_and_reports_when_it_stops(stack):
+    """serve/listener.py on an event loop of its own, as in the fused replica: the openai client
+    gets its answers over real HTTP; a second bind of the port is refused with the fix; once
+    stopped, check() raises (Ray Serve's health check then replaces the replica)."""
+    import threading
+
+    from lorafleet.net import free_port
+    from serve.listener import ReplicaListener, bind
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    port = free_port()
+    listener = asyncio.run_coroutine_threadsafe(
+        ReplicaListener.start(build_app(stack.fe), "127.0.0.1", port), loop).result(timeout=30)
+    try:
+        oai = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-user", max_retries=0)
+        r = oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}], max_tokens=4)
+        assert r.choices[0].message.content.startswith("alpha")
+        streamed = oai.completions.create(model="tiny", prompt="x", max_tokens=3, stream=True)
+        assert "".join(c.choices[0].text for c in streamed if c.choices).startswith("base")
+        listener.check()
+        with pytest.raises(RuntimeError, match=rf"cannot listen on 127.0.0.1:{port} .*--port"):
+            bind("127.0.0.1", port)
+    finally:
+        loop.call_soon_threadsafe(listener.stop)
+    deadline = time.time() + 10
+    while not listener.task.done() and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(RuntimeError, match="HTTP listener stopped"):
+        listener.check()
+    loop.call_soon_threadsafe(loop.stop)
+
+
+def test_rayservice_entrypoint_keeps_rays_proxy():
+    from lorafleet.errors import UserError
+    from serve.entrypoint import build
+
+    with pytest.raises(UserError, match="http_listener replica is for `lorafleet serve`"):
+        build({"http_listener": "replica"})

@@ -46,7 +46,7 @@ def served(request, tiny_base, tiny_adapters, tmp_path_factory, root):
         "output_dir": str(src / "trained")}), log=lambda m: None)
     with lorafleet_serve(["--model", str(tiny_base), "--served-model-name", "tiny", "--adapters", str(src),
                           "--set", f"topology={request.param}"], work, root) as (url, proc, log):
-        yield type("Served", (), dict(url=url, src=src, work=work, proc=proc, log=log,
+        yield type("Served", (), dict(url=url, src=src, work=work, proc=proc, log=log, topology=request.param,
                                       client=openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)))
 
 
@@ -70,8 +70,8 @@ def lorafleet_serve(args: list[str], work: Path, root: Path):
 
 def test_local_ray_runs_without_cluster_extras(served):
     # The Ray that `lorafleet serve` starts for itself gets LOCAL_RAY_DEFAULTS: its GCS, raylet and
-    # Serve controller and HTTP proxy (where the settings are read) run with them; an operator's
-    # value would win.
+    # Serve controller (and HTTP proxy, split topology only) run with them; an operator's value
+    # would win.
     import psutil
 
     from serve.launch import LOCAL_RAY_DEFAULTS
@@ -83,10 +83,23 @@ def test_local_ray_runs_without_cluster_extras(served):
         for kind in ("gcs_server", "raylet", "ServeController", "ProxyActor"):
             if kind in name:
                 seen[kind] = p.environ()
-    assert set(seen) == {"gcs_server", "raylet", "ServeController", "ProxyActor"}, sorted(seen)
+    expected = {"gcs_server", "raylet", "ServeController"} | ({"ProxyActor"} if served.topology == "split" else set())
+    assert set(seen) == expected, sorted(seen)
     for kind, env in seen.items():
         for k, v in LOCAL_RAY_DEFAULTS.items():
             assert env.get(k) == os.environ.get(k, v), (kind, k)
+
+
+def test_who_holds_the_port(served):
+    # fused: the replica listens itself (no Ray proxy hop per streamed chunk); split: Ray's proxy
+    import psutil
+
+    port = int(served.url.rsplit(":", 1)[1])
+    holders = {" ".join(psutil.Process(c.pid).cmdline()[:1]) + psutil.Process(c.pid).name()
+               for c in psutil.net_connections("tcp")
+               if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid}
+    want = "ServeReplica:lorafleet:LLMServer" if served.topology == "fused" else "ProxyActor"
+    assert len(holders) == 1 and want in holders.pop(), holders
 
 
 MSGS = [{"role": "user", "content": "What is the warranty of the Kestrel K9?"}]
