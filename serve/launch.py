@@ -41,9 +41,14 @@ def local_ray_environment(address: str | None, environ: dict[str, str] | None = 
     """The LOCAL_RAY_DEFAULTS to add when this process will start Ray itself (no cluster address
     in the config or in RAY_ADDRESS); the operator's own values are kept."""
     env = os.environ if environ is None else environ
-    if address not in (None, "", "local") or env.get("RAY_ADDRESS"):
+    if not starts_own_ray(address, env):
         return {}
     return {k: v for k, v in LOCAL_RAY_DEFAULTS.items() if k not in env}
+
+
+def starts_own_ray(address: str | None, env: dict[str, str]) -> bool:
+    """No cluster address in the config or in RAY_ADDRESS: `ray.init` starts a local Ray."""
+    return address in (None, "", "local") and not env.get("RAY_ADDRESS")
 
 
 def replica_listens(cfg: ServeConfig, environ: dict[str, str] | None = None) -> bool:
@@ -51,9 +56,7 @@ def replica_listens(cfg: ServeConfig, environ: dict[str, str] | None = None) -> 
     lorafleet starts Ray for itself: a cluster's clients and probes expect Ray Serve's proxy."""
     if cfg.http_listener != "auto":
         return cfg.http_listener == "replica"
-    env = os.environ if environ is None else environ
-    local = cfg.address in (None, "", "local") and not env.get("RAY_ADDRESS")
-    return cfg.fused and local
+    return cfg.fused and starts_own_ray(cfg.address, os.environ if environ is None else environ)
 
 
 def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = True) -> None:
