@@ -137,7 +137,8 @@ def _make_server(cfg_json: str, model_path: str, plan: dict[str, Any]) -> ModelS
 
 def build_app(cfg: ServeConfig, model_path: str, listen: tuple[str, int] | None = None):
     """The Ray Serve application for `serve.run`. `listen` (host, port): the fused replica takes
-    HTTP connections itself there (serve/listener.py) instead of behind Ray Serve's proxy."""
+    HTTP connections itself there (serve/listener.py) instead of behind Ray Serve's proxy; the
+    config allows it only with the fused topology (ServeConfig's validator)."""
     plan = engine_plan(cfg, model_path)
     cfg_json = cfg.model_dump_json()
     max_resident = cfg.max_resident_adapters
@@ -147,8 +148,6 @@ def build_app(cfg: ServeConfig, model_path: str, listen: tuple[str, int] | None 
     health = dict(health_check_period_s=5, health_check_timeout_s=30)
     if cfg.fused:
         return _fused_app(cfg_json, model_path, plan, actor_options, health, listen)
-    if listen is not None:
-        raise ValueError("only the fused topology (one replica) listens itself; split needs Ray Serve's proxy")
 
     @serve.deployment(
         name="LLMServer",
