@@ -145,6 +145,19 @@ def recovery_seconds(events: list[tuple[float, int]], t_kill: float) -> float | 
     return next((t - t_kill for t, st in after if t > first_fail and st == 200), None)
 
 
+def fault_timeline(events: list[tuple[float, int]], t_kill: float, recovery: float | None) -> str:
+    """When, in seconds after the kill, clients got error responses and refused connections."""
+    end = t_kill + (recovery if recovery is not None else float("inf"))
+    spans: dict[str, tuple[float, float]] = {}
+    for t, st in events:
+        if t_kill <= t <= end and st != 200:
+            kind = "5xx" if st >= 500 else "refused" if st == -2 else "hung" if st == -1 else str(st)
+            a, b = spans.get(kind, (t, t))
+            spans[kind] = (min(a, t), max(b, t))
+    return ", ".join(f"{k} at {a - t_kill:.1f}-{b - t_kill:.1f} s" for k, (a, b) in sorted(spans.items(),
+                                                                                    key=lambda kv: kv[1]))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=16)
@@ -208,7 +221,8 @@ def main() -> int:
         rows.append({"run": "engine killed mid-load", "requests": sum(s2["status"].values()),
                      "failures": sum(v for k, v in s2["status"].items() if k != 200), "p99 s": p99(s2["latencies"]),
                      "recovery s": recovery,
-                     "note": f"killed {s2['killed']} engine process(es); statuses {s2['status']}"})
+                     "note": f"killed {s2['killed']} engine process(es); statuses {s2['status']}; "
+                             f"{fault_timeline(s2['events'], s2['t_kill'], recovery)}"})
         if hangs:
             failures.append(f"fault: {hangs} requests hung past their timeout")
         if recovery is None:

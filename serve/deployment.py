@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 from pathlib import Path
+from typing import Callable
 from typing import Any
 
 from ray import serve
@@ -127,11 +130,47 @@ def _log_to_stderr() -> None:
         lf.setLevel(logging.INFO)
 
 
+# What a replica builds (the engine's watch; in the fused one the FastAPI factory's server and
+# front end), for the deployment class's own methods (health check, drain, teardown), which have
+# no other way to reach it. One replica per process.
+_REPLICA: dict[str, Any] = {}
+
+
+class EngineWatch:
+    """Ends this replica's process when its vLLM engine dies, as vLLM's own server does.
+
+    vLLM does not restart a dead engine process, so until the replica is replaced every request
+    fails. Left to the health check, Ray Serve replaces it after three failed checks 5 s apart
+    (about 15 s more of errors); a replica whose process has ended is replaced at once.
+    """
+
+    def __init__(self, engine: Any, poll_s: float = 0.5, exit: Callable[[int], None] = os._exit):
+        self.engine, self.poll_s, self._exit = engine, poll_s, exit
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="lorafleet-engine-watch", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(self.poll_s):
+            if self.engine.dead and not self.stopping.is_set():
+                log.error("the vLLM engine process has died: ending this replica so that Ray Serve starts a new one")
+                for h in logging.getLogger("lorafleet").handlers:
+                    h.flush()
+                sys.stderr.flush()
+                self._exit(70)
+                return
+
+    def stop(self) -> None:
+        """Before the engine is shut down on purpose."""
+        self.stopping.set()
+
+
 def _make_server(cfg_json: str, model_path: str, plan: dict[str, Any]) -> ModelServer:
     _log_to_stderr()
     c = ServeConfig.model_validate_json(cfg_json)
     engine = VllmEngine(model_path, c.engine, plan["enable_lora"], plan["max_lora_rank"], plan["max_loras"],
                         plan["max_cpu_loras"], c.served_model_name or c.model)
+    _REPLICA["engine_watch"] = EngineWatch(engine)
     return ModelServer(engine, c.max_resident_adapters)
 
 
@@ -224,11 +263,6 @@ def build_app(cfg: ServeConfig, model_path: str, listen: tuple[str, int] | None 
     return Ingress.bind(LLMServer.bind())
 
 
-# What the FastAPI factory builds inside a replica, for the deployment class's own methods
-# (health check, drain), which have no other way to reach it.
-_REPLICA: dict[str, Any] = {}
-
-
 def _fused_app(cfg_json: str, model_path: str, plan: dict[str, Any], actor_options: dict, health: dict,
                listen: tuple[str, int] | None):
     def fused_builder():
@@ -273,6 +307,9 @@ def _fused_app(cfg_json: str, model_path: str, plan: dict[str, Any], actor_optio
 
 
 def _shutdown(server: ModelServer) -> None:
+    watch = _REPLICA.pop("engine_watch", None)
+    if watch:
+        watch.stop()
     try:
         server.engine.shutdown()
     except Exception:  # best effort at teardown

@@ -43,6 +43,9 @@ class Engine(Protocol):
 
     async def check_health(self) -> None: ...
 
+    @property
+    def dead(self) -> bool: ...
+
     def shutdown(self) -> None: ...
 
 
@@ -186,6 +189,11 @@ class VllmEngine:
 
     async def check_health(self):
         await self.engine.check_health()
+
+    @property
+    def dead(self) -> bool:
+        """The engine process has died or its output loop has failed; vLLM does not restart it."""
+        return self.engine.errored
 
     def shutdown(self):
         self.engine.shutdown()

@@ -263,6 +263,29 @@ def test_health_reports_a_dead_engine(stack):
     assert stack.client.get("/health").status_code == 503
 
 
+def test_a_dead_engine_ends_the_replica_process():
+    # vLLM does not restart its engine: the replica's process ends (exit code 70) so that Ray Serve
+    # starts a new one, as vLLM's own server exits. An engine shut down on purpose is no death.
+    from serve.deployment import EngineWatch
+
+    engine, exits = FakeEngine(), []
+    EngineWatch(engine, poll_s=0.01, exit=exits.append)
+    time.sleep(0.1)
+    assert exits == []
+    engine.dead = True
+    deadline = time.time() + 5
+    while not exits and time.time() < deadline:
+        time.sleep(0.01)
+    assert exits == [70]
+
+    engine, exits = FakeEngine(), []
+    watch = EngineWatch(engine, poll_s=0.01, exit=exits.append)
+    watch.stop()
+    engine.dead = True
+    watch.thread.join(5)
+    assert exits == [] and not watch.thread.is_alive()
+
+
 def test_body_limit_and_per_key_concurrency(stack):
     r = post(stack, "/v1/chat/completions", None, raw=b'{"model": "tiny", "x": "' + b"a" * 70_000 + b'"}')
     assert r.status_code == 413
