@@ -22,7 +22,7 @@ console = Console(stderr=True)
 
 
 def log(msg: str) -> None:
-    console.print(f"[bold cyan]lorafleet[/] {msg}", highlight=False)
+    console.print(f"[bold cyan]lorafleet[/] {msg}", highlight=False, soft_wrap=True)
 
 
 def user_errors(fn):
@@ -121,6 +121,8 @@ def serve(config: Optional[Path] = typer.Argument(None, help="Serve YAML (option
           served_model_name: Optional[str] = typer.Option(None),
           host: Optional[str] = typer.Option(None),
           port: Optional[int] = typer.Option(None),
+          api_key: list[str] = typer.Option([], help="A key clients must send (vLLM's flag; repeatable). "
+                                                      "LORAFLEET_API_KEY or api_keys_file keep keys out of `ps`."),
           set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value.")):
     """Serve the base model and adapters behind an OpenAI-compatible API on Ray Serve + vLLM."""
     from lorafleet.config import ServeConfig, load_config
@@ -130,6 +132,9 @@ def serve(config: Optional[Path] = typer.Argument(None, help="Serve YAML (option
                                 "port": port}.items() if v is not None}
     if adapters:
         flags["adapters"] = list(adapters)
+    if api_key:  # the replicas read keys from the environment (launch passes it on)
+        keys = [k for k in os.environ.get("LORAFLEET_API_KEY", "").split(",") if k.strip()]
+        os.environ["LORAFLEET_API_KEY"] = ",".join(keys + list(api_key))
     cfg = load_config(ServeConfig, config, set_)
     cfg = cfg.model_copy(update=flags)
     cfg = ServeConfig.model_validate(cfg.model_dump())

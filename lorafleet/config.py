@@ -124,7 +124,7 @@ class EngineSection(_Strict):
         "auto", description="auto: bf16 on GPUs and CPUs with native bf16, float32 on other CPUs."
     )
     max_model_len: int | None = None
-    max_lora_rank: int | None = Field(None, description="Unset: the largest rank in the registry (rounded up).")
+    max_lora_rank: int | None = Field(None, description="Unset: the largest rank in the registry, at least 16 (rounded up to what vLLM takes).")
     max_loras: int | None = Field(None, description="Adapters resident at once in a batch; unset: min(8, registry).")
     max_cpu_loras: int | None = None
     max_num_seqs: int = 64

@@ -8,6 +8,7 @@ generations (in this process, or on Ray Serve replicas through a deployment hand
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Any, AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import ValidationError
 
@@ -25,6 +27,7 @@ from lorafleet.config import LimitsSection
 from lorafleet.templates import render_prompt_ids
 from serve.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, OpenAIError,
                             UnloadLoRAAdapterRequest, model_not_found, new_id, now)
+from serve.engine import check_sampling
 from serve.registry import AdapterRegistry
 
 log = logging.getLogger("lorafleet.serve")
@@ -110,9 +113,19 @@ def _bearer(request: Request) -> str | None:
     return h[7:].strip() if h.lower().startswith("bearer ") else None
 
 
+def _param(loc: tuple) -> str | None:
+    """The request field a pydantic error points at, without pydantic's union-member tags
+    (`prompt.str`, `messages.1.content.str` -> `prompt`, `messages.1.content`)."""
+    parts = [str(x) for x in loc if not (isinstance(x, str) and ("[" in x or x in _TYPE_TAGS))]
+    return ".".join(parts) or None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "function-before"}
+
+
 def _validation_error(e: ValidationError) -> OpenAIError:
     first = e.errors()[0]
-    param = ".".join(str(x) for x in first["loc"]) or None
+    param = _param(first["loc"])
     msg = first["msg"]
     if param is None:
         msg = msg.removeprefix("Value error, ")
@@ -123,6 +136,78 @@ def _validation_error(e: ValidationError) -> OpenAIError:
     else:
         msg = f"invalid value for {param!r}: {msg}"
     return OpenAIError(400, msg, param=param, code="invalid_parameter")
+
+
+def chat_logprobs(entries: list) -> dict[str, Any]:
+    """TokenLogprob entries (serve/engine.py) in chat completions' shape."""
+    def tok(t: str, lp: float) -> dict[str, Any]:
+        return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+    return {"content": [{**tok(t, lp), "top_logprobs": [tok(a, alp) for a, alp in alts]} for t, lp, alts in entries]}
+
+
+def completion_logprobs(entries: list, offset: int) -> dict[str, Any]:
+    """TokenLogprob entries in (legacy) completions' shape; `offset`: where their text starts."""
+    tokens, offsets = [], []
+    for t, _, _ in entries:
+        tokens.append(t)
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(alts) for _, _, alts in entries], "text_offset": offsets}
+
+
+async def until_disconnected(request: Request, stream: AsyncIterator[Any], poll_s: float = 1.0):
+    """`stream`'s items until it ends or the client hangs up; then closing `stream` aborts the
+    request in the engine (a non-streamed answer nobody waits for frees its slot, as in vLLM)."""
+    it = stream.__aiter__()
+    nxt = asyncio.ensure_future(it.__anext__())
+    clock = asyncio.get_running_loop().time
+    checked = clock()
+    try:
+        while True:
+            done, _ = await asyncio.wait({nxt}, timeout=poll_s)
+            if clock() - checked >= poll_s:
+                checked = clock()
+                if await request.is_disconnected():
+                    raise ClientDisconnected()
+            if not done:
+                continue
+            try:
+                item = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            nxt = asyncio.ensure_future(it.__anext__())
+    finally:
+        if not nxt.done():
+            nxt.cancel()  # raises CancelledError inside the generator: it aborts and closes itself
+            with contextlib.suppress(BaseException):
+                await nxt
+        with contextlib.suppress(Exception):
+            await stream.aclose()
+
+
+class ClientDisconnected(Exception):
+    """The client of a non-streamed request went away before its answer."""
+
+
+def _is_client_error(e: BaseException) -> bool:
+    """vLLM's errors that are the request's fault (VLLMValidationError and its family), also when
+    they come wrapped by Ray from an engine replica (its RayTaskError subclasses the cause)."""
+    return isinstance(e, ValueError) or any(c.__name__ == "VLLMClientError" for c in type(e).__mro__)
+
+
+def _client_error(e: BaseException) -> OpenAIError:
+    cause = getattr(e, "cause", None) or e  # Ray's RayTaskError keeps the original as .cause
+    msg = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
+    param = getattr(cause, "parameter", None)
+    if param is None:  # vLLM's messages mostly start with the field's name ("n must be 1 when ...")
+        first = msg.split(" ", 1)[0]
+        param = first if first in _REQUEST_FIELDS else None
+    return OpenAIError(400, msg, param=param, code="invalid_parameter")
+
+
+_REQUEST_FIELDS = set(ChatCompletionRequest.model_fields) | set(CompletionRequest.model_fields)
 
 
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
@@ -156,6 +241,14 @@ def build_app(fe: Frontend) -> FastAPI:
     @app.exception_handler(OpenAIError)
     async def _openai_error(_req, exc: OpenAIError):
         return _err(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(req, exc: StarletteHTTPException):
+        # unknown routes and wrong methods: OpenAI's error shape too, not FastAPI's {"detail": ...}
+        msg = {404: f"no route {req.method} {req.url.path} on this server (GET /docs lists them)",
+               405: f"{req.method} is not allowed on {req.url.path}"}.get(exc.status_code, str(exc.detail))
+        return _err(OpenAIError(exc.status_code, msg, code={404: "not_found", 405: "method_not_allowed"}
+                                .get(exc.status_code), headers=dict(exc.headers or {})))
 
     def auth_error(path: str, key: str | None) -> OpenAIError | None:
         """Why this request may not go on, or None: admin routes take the admin key, the rest any key."""
@@ -218,12 +311,12 @@ def build_app(fe: Frontend) -> FastAPI:
         fe.registry.scan()
         data = [{"id": fe.served_name, "object": "model", "created": now(), "owned_by": "lorafleet",
                  "root": fe.root_model or fe.served_name, "parent": None, "max_model_len": fe.max_model_len}]
-        for a in sorted(fe.registry.adapters.values(), key=lambda a: a.name):
+        for a in fe.registry.servable():
             data.append({"id": a.name, "object": "model", "created": a.created, "owned_by": "lorafleet",
                          "root": a.uri, "parent": fe.served_name})
         return {"object": "list", "data": data}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id:path}")  # the base's id may be a path or an org/name id
     async def get_model(model_id: str):
         listing = (await list_models())["data"]
         for d in listing:
@@ -279,12 +372,12 @@ def build_app(fe: Frontend) -> FastAPI:
         await asyncio.to_thread(fe.registry.prepare, a)
         return {"name": a.name, "path": str(a.local_path), "version": a.version}, a.template or fe.base_template
 
-    def sampling(req, prompt_len: int) -> dict[str, Any]:
+    def sampling(req, prompt_len: int, kind: str) -> dict[str, Any]:
         limit = fe.max_model_len
         if prompt_len >= limit:
             raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt "
-                                   f"has {prompt_len} tokens. Shorten the prompt.", param="messages",
-                              code="context_length_exceeded")
+                                   f"has {prompt_len} tokens. Shorten the prompt.",
+                              param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
         asked = req.max_completion_tokens or req.max_tokens
         if asked is not None and asked > fe.limits.max_tokens:
             raise OpenAIError(400, f"max_tokens={asked} is above this server's limit of {fe.limits.max_tokens}",
@@ -296,6 +389,9 @@ def build_app(fe: Frontend) -> FastAPI:
                               code="context_length_exceeded")
         if req.n > fe.limits.max_n:
             raise OpenAIError(400, f"n={req.n} is above this server's limit of {fe.limits.max_n}", param="n")
+        if asked is not None and req.min_tokens > asked:
+            raise OpenAIError(400, f"min_tokens={req.min_tokens} is above max_tokens={asked}", param="min_tokens",
+                              code="invalid_parameter")
         max_tokens = asked or min(fe.limits.max_tokens, limit - prompt_len)
         p = {"n": req.n, "temperature": req.temperature, "top_p": req.top_p, "max_tokens": max_tokens,
              "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
@@ -307,6 +403,21 @@ def build_app(fe: Frontend) -> FastAPI:
             p["stop"] = req.stop_list
         if req.seed is not None:
             p["seed"] = req.seed
+        if req.logit_bias:
+            bias = {int(k): v for k, v in req.logit_bias.items()}
+            out = [t for t in bias if t >= len(fe.tokenizer)]
+            if out:
+                raise OpenAIError(400, f"logit_bias has token ids outside the vocabulary (size {len(fe.tokenizer)}): "
+                                       f"{out[:5]}", param="logit_bias", code="invalid_parameter")
+            p["logit_bias"] = bias
+        if req.num_logprobs is not None:
+            p["logprobs"] = req.num_logprobs
+        try:
+            check_sampling(p)
+        except Exception as e:
+            if not _is_client_error(e):
+                raise
+            raise _client_error(e) from None
         return p
 
     class _Slot:
@@ -348,13 +459,13 @@ def build_app(fe: Frontend) -> FastAPI:
         else:
             prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
             if isinstance(prompt, list):
-                bad = [t for t in prompt if not isinstance(t, int) or t < 0 or t >= len(fe.tokenizer)]
+                bad = [t for t in prompt if t < 0 or t >= len(fe.tokenizer)]
                 if bad:
                     raise OpenAIError(400, f"prompt token ids out of range: {bad[:5]}", param="prompt")
                 prompt_ids = list(prompt)
             else:
                 prompt_ids = fe.tokenizer(prompt)["input_ids"]
-        params = sampling(req, len(prompt_ids))
+        params = sampling(req, len(prompt_ids), kind)
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         call = {"prompt_ids": prompt_ids, "params": params, "adapter": adapter, "request_id": rid,
                 "stream": req.stream, "unloaded": fe.recently_unloaded()}
@@ -363,8 +474,12 @@ def build_app(fe: Frontend) -> FastAPI:
         try:
             stream = fe.backend.generate(call)
             first = await stream.__anext__()  # the "start" event: adapter loaded; errors surface here
-        except BaseException:
+        except BaseException as e:
             slot.__exit__()
+            if adapter and any(c.__name__ == "AdapterLoadError" for c in type(e).__mro__):
+                msg = str(getattr(e, "cause", None) or e)
+                fe.registry.rejected[adapter["name"]] = msg
+                raise OpenAIError(422, msg, param="model", code="adapter_incompatible") from None
             raise
         if first.get("loaded") and adapter:
             m.adapter_loads.labels(adapter["name"]).inc()
@@ -379,24 +494,28 @@ def build_app(fe: Frontend) -> FastAPI:
             texts = [""] * req.n
             ntoks = [0] * req.n
             finish: list[str | None] = [None] * req.n
-            async for ev in stream:
+            lps: list[list] = [[] for _ in range(req.n)]
+            async for ev in until_disconnected(request, stream):
                 for d in ev["deltas"]:
                     texts[d["index"]] += d["text"]
                     ntoks[d["index"]] += d["num_tokens"]
                     finish[d["index"]] = d["finish_reason"] or finish[d["index"]]
+                    lps[d["index"]] += d.get("logprobs") or []
         finally:
             slot.__exit__()
         completion = sum(ntoks)
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
                  "total_tokens": len(prompt_ids) + completion}
         _account(req.model, route, 200, len(prompt_ids), completion, t0)
+        want_lp = req.num_logprobs is not None
         if kind == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": None,
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                        "logprobs": chat_logprobs(lps[i]) if want_lp else None,
                         "finish_reason": finish[i] or "stop"} for i in range(req.n)]
             return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
                     "choices": choices, "usage": usage}
-        choices = [{"index": i, "text": texts[i], "logprobs": None, "finish_reason": finish[i] or "stop"}
-                   for i in range(req.n)]
+        choices = [{"index": i, "text": texts[i], "logprobs": completion_logprobs(lps[i], 0) if want_lp else None,
+                    "finish_reason": finish[i] or "stop"} for i in range(req.n)]
         return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                 "choices": choices, "usage": usage}
 
@@ -410,6 +529,8 @@ def build_app(fe: Frontend) -> FastAPI:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         completion = 0
         first_token = True
+        want_lp = req.num_logprobs is not None
+        offsets = [0] * req.n  # where each choice's next text starts (completions' text_offset)
 
         def chunk(choices, usage=None):
             c = {"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices}
@@ -425,13 +546,17 @@ def build_app(fe: Frontend) -> FastAPI:
                 choices = []
                 for d in ev["deltas"]:
                     completion += d["num_tokens"]
+                    lp = d.get("logprobs") or []
                     if kind == "chat":
                         delta = {"content": d["text"]} if d["text"] else {}
-                        choices.append({"index": d["index"], "delta": delta, "logprobs": None,
+                        choices.append({"index": d["index"], "delta": delta,
+                                        "logprobs": chat_logprobs(lp) if want_lp else None,
                                         "finish_reason": d["finish_reason"]})
                     else:
-                        choices.append({"index": d["index"], "text": d["text"], "logprobs": None,
+                        choices.append({"index": d["index"], "text": d["text"],
+                                        "logprobs": completion_logprobs(lp, offsets[d["index"]]) if want_lp else None,
                                         "finish_reason": d["finish_reason"]})
+                        offsets[d["index"]] += len(d["text"])
                 if first_token and completion:
                     m.ttft.labels(req.model).observe(time.perf_counter() - t0)
                     first_token = False
@@ -468,10 +593,14 @@ def build_app(fe: Frontend) -> FastAPI:
         except OpenAIError as e:
             m.requests.labels(route, "-", str(e.status)).inc()
             return _err(e)
-        except ValueError as e:  # vLLM validates some parameters itself (VLLMValidationError)
-            m.requests.labels(route, "-", "400").inc()
-            return _err(OpenAIError(400, str(e), param=getattr(e, "parameter", None)))
-        except Exception as e:  # the engine died or its replica went away: a clean, retryable error
+        except ClientDisconnected:  # nobody is left to read an answer; counted as nginx's 499
+            m.requests.labels(route, "-", "499").inc()
+            return JSONResponse({}, status_code=499)
+        except Exception as e:
+            if _is_client_error(e):  # vLLM refused the request itself (its checks ran in the engine)
+                m.requests.labels(route, "-", "400").inc()
+                return _err(_client_error(e))
+            # the engine died or its replica went away: a clean, retryable error
             log.exception("request failed in the engine")
             m.requests.labels(route, "-", "503").inc()
             return _err(OpenAIError(503, f"the engine could not serve this request ({type(e).__name__}: "

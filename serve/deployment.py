@@ -55,7 +55,9 @@ def engine_plan(cfg: ServeConfig, model_path: str) -> dict[str, Any]:
     reg = AdapterRegistry(cfg.adapters, cache_dir=Path("/tmp"), allow_pickle=True)
     reg.scan()
     enable_lora = cfg.engine.enable_lora if cfg.engine.enable_lora is not None else bool(cfg.adapters)
-    rank = cfg.engine.max_lora_rank or next((r for r in VLLM_LORA_RANKS if r >= reg.max_rank()), 512)
+    # At least 16 (lorafleet's and peft's usual rank), so that adapters loaded later through the
+    # admin API are not refused because the ones present at start were smaller.
+    rank = cfg.engine.max_lora_rank or next((r for r in VLLM_LORA_RANKS if r >= max(reg.max_rank(), 16)), 512)
     max_loras = cfg.engine.max_loras or max(1, min(8, len(reg.adapters) or 1, cfg.max_resident_adapters))
     return {"enable_lora": enable_lora, "max_lora_rank": rank, "max_loras": max_loras,
             "max_cpu_loras": cfg.engine.max_cpu_loras or cfg.max_resident_adapters}
@@ -73,8 +75,11 @@ def build_frontend(cfg: ServeConfig, model_path: str, backend: Any, max_model_le
     fp = base_fingerprint(model_path)["fingerprint"] if Path(model_path).is_dir() else None
     registry = AdapterRegistry(cfg.adapters, cache_dir=cache_root() / "adapters", base_shapes=module_shapes(model_path),
                                base_fingerprint=fp, max_lora_rank=max_lora_rank, allow_pickle=cfg.allow_pickle,
-                               max_adapter_bytes=cfg.limits.max_adapter_bytes)
+                               max_adapter_bytes=cfg.limits.max_adapter_bytes,
+                               base_name=cfg.served_model_name or cfg.model)
     registry.scan()
+    for name, why in registry.rejected.items():
+        log.warning("adapter %s is not served: %s", name, why)
     return Frontend(served_name=cfg.served_model_name or cfg.model, tokenizer=tok, base_template=tpl,
                     registry=registry, backend=backend, max_model_len=max_model_len, limits=cfg.limits,
                     api_keys=read_keys("LORAFLEET_API_KEY", cfg.api_keys_file),

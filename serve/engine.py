@@ -22,6 +22,11 @@ from typing import Any, AsyncIterator, Protocol
 log = logging.getLogger("lorafleet.serve")
 
 
+# One generated token's log-probability, when the request asks for them:
+# (token text, logprob, [(alternative token text, logprob), ...] most likely first).
+TokenLogprob = tuple[str, float, list[tuple[str, float]]]
+
+
 @dataclass
 class Delta:
     """What one engine step adds to one of the `n` choices."""
@@ -29,6 +34,7 @@ class Delta:
     text: str
     num_tokens: int
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Engine(Protocol):
@@ -47,6 +53,11 @@ class Engine(Protocol):
     def dead(self) -> bool: ...
 
     def shutdown(self) -> None: ...
+
+
+class AdapterLoadError(RuntimeError):
+    """The engine refused an adapter that passed the registry's gate: the adapter's fault (a 422,
+    the adapter is marked rejected), not the engine's (a 503)."""
 
 
 # ----------------------------------------------------------------------------------- vLLM
@@ -173,9 +184,12 @@ class VllmEngine:
 
         sp = SamplingParams(**params, output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
         lora = LoRARequest(adapter[0], adapter[1], adapter[2]) if adapter else None
+        top = params.get("logprobs")
         async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id,
                                               lora_request=lora):
-            yield [Delta(o.index, o.text, len(o.token_ids), o.finish_reason) for o in out.outputs]
+            yield [Delta(o.index, o.text, len(o.token_ids), o.finish_reason,
+                         None if top is None else _token_logprobs(o.token_ids, o.logprobs, top))
+                   for o in out.outputs]
 
     async def add_adapter(self, name, int_id, path):
         from vllm.lora.request import LoRARequest
@@ -197,6 +211,29 @@ class VllmEngine:
 
     def shutdown(self):
         self.engine.shutdown()
+
+
+def _token_logprobs(token_ids, logprobs, top: int) -> list[TokenLogprob]:
+    """vLLM's per-position {token id: Logprob} for the sampled tokens, as TokenLogprob entries."""
+    out = []
+    for tid, position in zip(token_ids, logprobs or []):
+        chosen = position[tid]
+        alts = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= top),
+                      key=lambda lp: lp.rank)
+        out.append((chosen.decoded_token or "", max(chosen.logprob, -9999.0),
+                    [(lp.decoded_token or "", max(lp.logprob, -9999.0)) for lp in alts]))
+    return out
+
+
+def check_sampling(params: dict[str, Any]) -> None:
+    """vLLM's own checks of sampling parameters (an empty stop string, n > 1 with greedy
+    sampling, ...), run by the front end so that a bad request is a 400 before anything streams.
+    Raises vLLM's VLLMValidationError (its `parameter` names the field)."""
+    try:
+        from vllm import SamplingParams
+    except ImportError:  # a front end without vLLM installed: the engine checks them
+        return
+    SamplingParams(**params)
 
 
 async def coalesce(steps: AsyncIterator[list[Delta]]) -> AsyncIterator[list[Delta]]:
@@ -235,11 +272,14 @@ async def coalesce(steps: AsyncIterator[list[Delta]]) -> AsyncIterator[list[Delt
                 for d in item:
                     m = merged.get(d.index)
                     if m is None:
-                        merged[d.index] = Delta(d.index, d.text, d.num_tokens, d.finish_reason)
+                        merged[d.index] = Delta(d.index, d.text, d.num_tokens, d.finish_reason,
+                                                None if d.logprobs is None else list(d.logprobs))
                     else:
                         m.text += d.text
                         m.num_tokens += d.num_tokens
                         m.finish_reason = d.finish_reason or m.finish_reason
+                        if d.logprobs is not None:
+                            m.logprobs = (m.logprobs or []) + d.logprobs
             if merged:
                 yield list(merged.values())
             if finished:
@@ -282,7 +322,12 @@ class ModelServer:
                     await self._evict(victim)
                     evicted.append(victim)
             int_id = next(self._ids)
-            await self.engine.add_adapter(name, int_id, path)
+            try:
+                await self.engine.add_adapter(name, int_id, path)
+            except Exception as e:
+                if self.engine.dead:
+                    raise
+                raise AdapterLoadError(f"the engine refused adapter {name}: {e}") from e
             self.resident[name] = (int_id, path, version)
             self.loads += 1
             log.info("adapter %s loaded (id %d); resident %d/%d", name, int_id, len(self.resident), self.max_resident)

@@ -90,25 +90,32 @@ def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = T
     else:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
     t0 = time.time()
-    log(f"starting {APP_NAME}: model {cfg.model}, adapters {cfg.adapters or 'none (merged/base mode)'}")
+    log(f"starting: model {cfg.model}, adapters {cfg.adapters or 'none (merged/base mode)'}")
     serve.run(build_app(cfg, model_path, listen), name=APP_NAME, route_prefix=None if listen else "/",
               blocking=False)
     log(f"ready in {time.time() - t0:.0f}s: http://{cfg.host}:{cfg.port}/v1 (OpenAI API)")
     if not block:
         return
-    stop = threading.Event()
+    stop, now = threading.Event(), threading.Event()
+
+    def on_signal(*_):
+        if stop.is_set() and not now.is_set():  # a second Ctrl-C: do not wait for running requests
+            log("second signal: stopping now, running requests are cut short")
+            now.set()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     stop.wait()
     try:
-        drain(log, cfg.shutdown_grace_s)
+        drain(log, cfg.shutdown_grace_s, now)
     except Exception as e:  # the app is already gone or broken: nothing left to wait for
         log(f"could not drain ({e}); shutting down")
     serve.shutdown()
     ray.shutdown()
 
 
-def drain(log: Callable[[str], None], grace_s: float) -> None:
+def drain(log: Callable[[str], None], grace_s: float, now: threading.Event | None = None) -> None:
     """Stop taking requests and let the running ones finish before anything is torn down.
 
     Ray Serve's own shutdown stops the HTTP proxies first, which cuts streams that are still
@@ -122,9 +129,10 @@ def drain(log: Callable[[str], None], grace_s: float) -> None:
     handle = serve.get_app_handle(APP_NAME)
     deadline = time.time() + grace_s
     running = handle.drain.remote().result()
-    log(f"shutting down: {running} request(s) in flight; new ones get 503 (up to {grace_s:.0f}s to finish)")
-    while running and time.time() < deadline:
-        time.sleep(0.25)
+    log(f"shutting down: {running} request(s) in flight; new ones get 503 (up to {grace_s:.0f}s to finish; "
+        "Ctrl-C again to stop now)")
+    now = now or threading.Event()
+    while running and time.time() < deadline and not now.wait(1.0):
         running = handle.drain.remote().result()
     if running:
-        log(f"grace period over: {running} request(s) cut short")
+        log(f"{running} request(s) cut short" + ("" if now.is_set() else " (grace period over)"))

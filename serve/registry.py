@@ -55,7 +55,7 @@ def _is_remote(uri: str) -> bool:
 class AdapterRegistry:
     def __init__(self, sources: list[str], cache_dir: Path, base_shapes: dict[str, list[int]] | None = None,
                  base_fingerprint: str | None = None, max_lora_rank: int | None = None, allow_pickle: bool = False,
-                 max_adapter_bytes: int = 2 * 1024**3):
+                 max_adapter_bytes: int = 2 * 1024**3, base_name: str | None = None):
         self.sources = list(sources)
         self.cache_dir = Path(cache_dir)
         self.base_shapes = base_shapes or {}
@@ -63,8 +63,12 @@ class AdapterRegistry:
         self.max_lora_rank = max_lora_rank
         self.allow_pickle = allow_pickle
         self.max_adapter_bytes = max_adapter_bytes
+        self.base_name = base_name  # the base model's served name: no adapter may take it
         self.adapters: dict[str, Adapter] = {}
         self.rejected: dict[str, str] = {}
+        # Unloaded through the admin API: a scan does not bring them back (vLLM's unload means
+        # "gone until loaded again"), a load_lora_adapter does.
+        self.unloaded: set[str] = set()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ scanning
@@ -78,6 +82,12 @@ class AdapterRegistry:
             for name, uri in self._list_source(src):
                 if not NAME_RE.match(name):
                     self.rejected[name] = "name must match [A-Za-z0-9][A-Za-z0-9._-]*"
+                    continue
+                if name == self.base_name:
+                    self.rejected[name] = (f"{uri} has the base model's served name {name!r}: rename the adapter "
+                                           "directory or serve the base under another --served-model-name")
+                    continue
+                if name in self.unloaded:
                     continue
                 found.setdefault(name, Adapter(name, uri))
         with self._lock:
@@ -147,11 +157,19 @@ class AdapterRegistry:
         self.prepare(a, refresh=refresh)  # gate before it becomes visible
         with self._lock:
             self.adapters[name] = a
+            self.unloaded.discard(name)
         return a
 
     def unregister(self, name: str) -> Adapter | None:
         with self._lock:
-            return self.adapters.pop(name, None)
+            a = self.adapters.pop(name, None)
+            if a is not None:
+                self.unloaded.add(name)
+            return a
+
+    def servable(self) -> list[Adapter]:
+        """What /v1/models lists: every adapter not refused by the gate."""
+        return sorted((a for a in self.adapters.values() if a.name not in self.rejected), key=lambda a: a.name)
 
     # ---------------------------------------------------------------------- fetch and gate
     def prepare(self, a: Adapter, refresh: bool = False) -> Adapter:
@@ -189,8 +207,15 @@ class AdapterRegistry:
             raise UserError(f"adapter {info.name} carries embedding/lm_head weights (new tokens); merge it instead")
         if info.config.get("use_dora"):
             raise UserError(f"adapter {info.name} is a DoRA adapter, which vLLM does not serve; merge it instead")
-        bad = [m for m in info.target_modules if m.rsplit(".", 1)[-1] not in ENGINE_TARGETS]
-        if bad and info.config.get("target_modules") != "all-linear":
+        if info.config.get("bias") not in (None, "none"):
+            raise UserError(f"adapter {info.name} was trained with bias={info.config['bias']!r} (bias terms of its "
+                            "own), which vLLM does not serve; merge it instead, or train with bias: none")
+        # Which modules it adapts, from its tensors: target_modules may be a regex or `all-linear`.
+        modules = {k.split(".lora_", 1)[0].rsplit(".", 1)[-1] for k in info.tensors if ".lora_" in k}
+        if not modules and isinstance(info.config.get("target_modules"), list):  # weights not read (pickle)
+            modules = {m.rsplit(".", 1)[-1] for m in info.target_modules}
+        bad = sorted(m for m in modules if m not in ENGINE_TARGETS)
+        if bad:
             raise UserError(f"adapter {info.name} targets {bad}, which the engine cannot apply LoRA to")
         check_against_base(info, self.base_shapes, self.base_fingerprint)
 

@@ -67,7 +67,8 @@ def make_random_adapter(base_dir: Path, out: Path, seed: int, r: int = 8, alpha:
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+    tm = targets if isinstance(targets, str) else list(targets)  # a string: peft reads it as a regex
+    peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=tm,
                                                  lora_dropout=0.0, **extra))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

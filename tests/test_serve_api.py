@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import time
 
@@ -30,6 +31,7 @@ class FakeEngine:
     def __init__(self):
         self.added, self.removed, self.calls = [], [], []
         self.dead = False
+        self.refuse: set[str] = set()  # adapters the engine itself refuses (as vLLM does some)
 
     async def generate(self, prompt_ids, params, adapter, request_id, stream):
         self.calls.append((prompt_ids, params, adapter))
@@ -39,10 +41,16 @@ class FakeEngine:
             for j, w in enumerate(words):
                 await asyncio.sleep(0)
                 last = j == len(words) - 1
-                yield [Delta(i, (" " if j else "") + w, 1, ("length" if len(words) == params["max_tokens"] else "stop")
-                             if last else None)]
+                text = (" " if j else "") + w
+                # logprobs: -1 for the token, then alternatives -1, -2, ... (as many as asked)
+                lps = None if params.get("logprobs") is None else [
+                    (text, -1.0, ([(text, -1.0)] + [(f"alt{k}", -1.0 - k) for k in range(1, 20)])[:params["logprobs"]])]
+                yield [Delta(i, text, 1, ("length" if len(words) == params["max_tokens"] else "stop")
+                             if last else None, lps)]
 
     async def add_adapter(self, name, int_id, path):
+        if name in self.refuse:
+            raise RuntimeError(f"Call to add_lora method failed: adapter {name} is not supported")
         self.added.append(name)
 
     async def remove_adapter(self, int_id):
@@ -136,10 +144,15 @@ def test_n_stop_seed_reach_the_engine(stack):
 def test_vllm_sampling_extensions_reach_the_engine(stack):
     """vLLM's extra sampling fields, as the openai client sends them (extra_body)."""
     stack.oai.completions.create(model="tiny", prompt="hello", max_tokens=4, extra_body={
-        "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 9, "ignore_eos": True})
+        "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 3, "ignore_eos": True})
     params = stack.engine.calls[-1][1]
     assert (params["top_k"], params["min_p"], params["repetition_penalty"], params["ignore_eos"]) == (5, 0.1, 1.2, True)
-    assert params["min_tokens"] == 4  # never above max_tokens
+    assert params["min_tokens"] == 3
+    with pytest.raises(openai.BadRequestError) as e:  # as vLLM: not silently lowered
+        stack.oai.completions.create(model="tiny", prompt="hello", max_tokens=4, extra_body={"min_tokens": 9})
+    assert e.value.body["param"] == "min_tokens"
+    stack.oai.completions.create(model="tiny", prompt="hello", extra_body={"min_tokens": 500})
+    assert stack.engine.calls[-1][1]["min_tokens"] == stack.engine.calls[-1][1]["max_tokens"]  # the default fits
     with pytest.raises(openai.BadRequestError, match="repetition_penalty"):
         stack.oai.completions.create(model="tiny", prompt="hello", extra_body={"repetition_penalty": 0})
 
@@ -216,6 +229,47 @@ def test_adapter_for_another_base_is_refused(stack, tmp_path):
     assert stack.oai.chat.completions.create(model="beta", messages=[{"role": "user", "content": "x"}]).choices
 
 
+def test_gate_reads_what_other_peft_code_writes(stack, tiny_base):
+    # A regex target_modules is judged by the modules in the weights (served); bias="lora_only"
+    # is refused at load (vLLM cannot apply it) and then no longer listed; neither stops the others.
+    from fixtures import make_random_adapter
+
+    msgs = [{"role": "user", "content": "x"}]
+    make_random_adapter(tiny_base, stack.src / "regex", seed=8, targets=r".*\.(q_proj|v_proj)")
+    make_random_adapter(tiny_base, stack.src / "biased", seed=9, bias="lora_only")
+    assert stack.oai.chat.completions.create(model="regex", messages=msgs, max_tokens=1).choices
+    assert {"regex", "biased"} <= {m.id for m in stack.oai.models.list().data}
+    with pytest.raises(openai.UnprocessableEntityError, match="bias"):
+        stack.oai.chat.completions.create(model="biased", messages=msgs, max_tokens=1)
+    assert "biased" not in {m.id for m in stack.oai.models.list().data}
+    assert stack.oai.chat.completions.create(model="alpha", messages=msgs, max_tokens=1).choices
+
+
+def test_unloaded_adapter_stays_gone_until_loaded_again(stack):
+    # An adapter found by scanning the source, unloaded through the admin API: gone from the
+    # listing and 404 (vLLM's meaning of unload), though its directory is still in the source.
+    msgs = [{"role": "user", "content": "x"}]
+    assert post(stack, "/v1/unload_lora_adapter", {"lora_name": "beta"}, key="sk-admin").status_code == 200
+    for _ in range(2):  # every listing rescans the sources
+        assert "beta" not in {m.id for m in stack.oai.models.list().data}
+    assert "beta" not in post(stack, "/v1/adapters/rescan", {}, key="sk-admin").json()["adapters"]
+    with pytest.raises(openai.NotFoundError):
+        stack.oai.chat.completions.create(model="beta", messages=msgs, max_tokens=1)
+    r = post(stack, "/v1/load_lora_adapter", {"lora_name": "beta", "lora_path": str(stack.src / "beta")}, key="sk-admin")
+    assert r.status_code == 200, r.text
+    assert stack.oai.chat.completions.create(model="beta", messages=msgs, max_tokens=1).choices
+
+
+def test_an_adapter_named_like_the_base_is_not_served_under_that_name(stack):
+    shutil.copytree(stack.src / "alpha", stack.src / "tiny")
+    stack.fe.registry.base_name = "tiny"
+    stack.fe.registry.scan()
+    ids = [m.id for m in stack.oai.models.list().data]
+    assert ids.count("tiny") == 1 and "base model's served name" in stack.fe.registry.rejected["tiny"]
+    r = stack.oai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    assert r.choices[0].message.content == "base" and stack.engine.calls[-1][2] is None
+
+
 def test_lru_eviction_and_single_load(stack):
     """max_resident=1: alternating adapters evicts; concurrent first requests load once."""
     async def burst():
@@ -261,6 +315,128 @@ def test_health_reports_a_dead_engine(stack):
     assert stack.client.get("/health").json() == {"status": "ok"}
     stack.engine.dead = True
     assert stack.client.get("/health").status_code == 503
+
+
+def test_client_errors_are_400s_naming_the_parameter(stack):
+    # vLLM's own checks (VLLMValidationError) run before anything streams: a 400, never a retryable 503
+    msgs = [{"role": "user", "content": "x"}]
+    cases = [
+        (dict(stop=""), "stop"), (dict(stop=["a", ""]), "stop"), (dict(n=2, temperature=0), "n"),
+        (dict(seed=2**70), "seed"), (dict(logit_bias={"99999999": 5}), "logit_bias"),
+        (dict(logit_bias={"x": 5}), "logit_bias"), (dict(logit_bias={"5": 101}), "logit_bias"),
+        (dict(stream_options={"include_usage": True}), None), (dict(top_logprobs=2), None),
+        (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+    ]
+    for kwargs, param in cases:
+        for stream in (False, True) if "stream_options" not in kwargs else (False,):
+            with pytest.raises(openai.BadRequestError) as e:
+                stack.oai.chat.completions.create(model="alpha", messages=msgs, max_tokens=3, stream=stream, **kwargs)
+            assert e.value.body["param"] == param, (kwargs, e.value.body)
+    for kwargs, param in [(dict(echo=True), "echo"), (dict(suffix="END"), "suffix"), (dict(best_of=3), "best_of"),
+                          (dict(logprobs=21), "logprobs")]:
+        with pytest.raises(openai.BadRequestError, match=param) as e:
+            stack.oai.completions.create(model="tiny", prompt="hello", max_tokens=3, **kwargs)
+        assert e.value.body["param"] == param
+    r = post(stack, "/v1/chat/completions", None, raw=b'{"model": "tiny", "messages": [{"role": "user", '
+                                                      b'"content": "x"}], "temperature": NaN}')
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature" and "finite" in r.text
+    r = post(stack, "/v1/completions", {"model": "tiny", "prompt": [True, 5]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("prompt"), r.text
+    r = post(stack, "/v1/completions", {"model": "tiny", "prompt": ["a", ["b"]]})
+    assert r.status_code == 400 and ".str" not in r.json()["error"]["param"], r.text
+    r = post(stack, "/v1/completions", {"model": "tiny", "prompt": "word " * 200})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert stack.engine.calls == []  # none of them reached the engine
+
+
+def test_logit_bias_and_logprobs(stack):
+    stack.oai.completions.create(model="tiny", prompt="hello", max_tokens=3, logit_bias={"7": -100, "9": 2.5})
+    assert stack.engine.calls[-1][1]["logit_bias"] == {7: -100, 9: 2.5}
+    msgs = [{"role": "user", "content": "x"}]
+    r = stack.oai.chat.completions.create(model="alpha", messages=msgs, max_tokens=3, logprobs=True, top_logprobs=2)
+    assert stack.engine.calls[-1][1]["logprobs"] == 2
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3 and "".join(t.token for t in content) == r.choices[0].message.content
+    assert content[0].logprob == -1.0 and [a.logprob for a in content[0].top_logprobs] == [-1.0, -2.0]
+    assert content[0].bytes == list(content[0].token.encode())
+    r = stack.oai.chat.completions.create(model="alpha", messages=msgs, max_tokens=3)
+    assert r.choices[0].logprobs is None and "logprobs" not in stack.engine.calls[-1][1]
+    chunks = list(stack.oai.chat.completions.create(model="alpha", messages=msgs, max_tokens=3, logprobs=True,
+                                                    stream=True))
+    toks = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert len(toks) == 3 and toks[0].top_logprobs == []  # logprobs without top_logprobs: the token's own
+    r = stack.oai.completions.create(model="tiny", prompt="hello", max_tokens=3, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and lp.token_logprobs == [-1.0] * 3
+    assert lp.text_offset == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+    assert lp.top_logprobs[1] == {lp.tokens[1]: -1.0, "alt1": -2.0}
+    chunks = list(stack.oai.completions.create(model="tiny", prompt="hello", max_tokens=3, logprobs=1, stream=True))
+    offsets = [o for c in chunks for o in c.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset
+
+
+def test_an_adapter_the_engine_refuses_is_a_422_and_leaves_the_listing(stack):
+    stack.engine.refuse.add("beta")
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.UnprocessableEntityError, match="beta") as e:
+        stack.oai.chat.completions.create(model="beta", messages=msgs, max_tokens=2)
+    assert e.value.body["code"] == "adapter_incompatible"
+    assert {m.id for m in stack.oai.models.list().data} == {"tiny", "alpha"}
+    assert stack.oai.chat.completions.create(model="alpha", messages=msgs, max_tokens=2).choices[0].message.content
+
+
+def test_models_by_path_id_and_openai_shaped_404s(stack):
+    stack.fe.served_name = "org/base-model"
+    assert stack.oai.models.retrieve("org/base-model").id == "org/base-model"
+    for method, path, status in [("GET", "/v1/embeddings", 404), ("GET", "/v1/chat/completions", 405)]:
+        r = stack.client.request(method, path, headers={"Authorization": "Bearer sk-user"})
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+
+
+def test_a_non_streamed_request_is_aborted_when_its_client_leaves():
+    from serve.app import ClientDisconnected, until_disconnected
+
+    closed = asyncio.Event()
+
+    async def slow():
+        try:
+            while True:
+                await asyncio.sleep(0.01)
+                yield 1
+        finally:
+            closed.set()
+
+    class Request:
+        calls = 0
+
+        async def is_disconnected(self):
+            self.calls += 1
+            return self.calls > 2
+
+    async def consume():
+        async for _ in until_disconnected(Request(), slow(), poll_s=0.05):
+            await asyncio.sleep(0.1)  # the answer is assembled slowly; the client leaves meanwhile
+
+    async def main():
+        with pytest.raises(ClientDisconnected):
+            await asyncio.wait_for(consume(), 10)
+        await asyncio.wait_for(closed.wait(), 5)
+
+    asyncio.run(main())
+
+
+def test_api_key_flag_like_vllms(monkeypatch):
+    from typer.testing import CliRunner
+
+    import serve.launch
+    from lorafleet.cli import app
+
+    seen = {}
+    monkeypatch.setattr(serve.launch, "launch", lambda cfg, log: seen.update(cfg=cfg, keys=os.environ["LORAFLEET_API_KEY"]))
+    monkeypatch.setenv("LORAFLEET_API_KEY", "sk-env")
+    r = CliRunner().invoke(app, ["serve", "--model", "m", "--api-key", "sk-a", "--api-key", "sk-b"])
+    assert r.exit_code == 0, r.output
+    assert seen["keys"] == "sk-env,sk-a,sk-b" and seen["cfg"].model == "m"
 
 
 def test_a_dead_engine_ends_the_replica_process():

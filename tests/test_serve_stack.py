@@ -151,6 +151,20 @@ def test_errors_from_the_real_stack(served):
     assert "256" in e.value.body["message"]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{served.url}/v1", api_key="wrong", max_retries=0).models.list()
+    # vLLM's own checks are 400s naming the field, not retryable 503s
+    for kwargs, param in [(dict(n=2, temperature=0), "n"), (dict(stop=""), "stop"), (dict(seed=2**70), "seed")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=4, **kwargs)
+        assert e.value.body["param"] == param, e.value.body
+
+
+def test_logit_bias_bans_a_token(served, tiny_tok):
+    c = served.client
+    first = c.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=1, temperature=0).choices[0].text
+    banned = tiny_tok.encode(first, add_special_tokens=False)
+    again = c.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=1, temperature=0,
+                                 logit_bias={str(t): -100 for t in banned}).choices[0].text
+    assert again != first, (first, banned)
 
 
 def test_hot_load_unload_while_serving_and_bad_adapter(served, tiny_base, tiny_adapters):
@@ -207,12 +221,15 @@ from vllm.lora.request import LoRARequest
 a = json.loads(sys.argv[1])
 lora = dict(enable_lora=True, max_lora_rank=16, max_loras=2) if a.get("lora", True) else {}
 llm = LLM(model=a["base"], dtype="float32", max_model_len=256, kv_cache_memory_bytes=512 * 2**20, **lora)
-sp = SamplingParams(temperature=0, max_tokens=12)
+sp = SamplingParams(temperature=0, max_tokens=12, logprobs=2)
 out = {}
 for i, (name, path) in enumerate(a["adapters"].items(), 1):
     lr = LoRARequest(name, i, path) if path else None
-    out[name] = {"completion": llm.generate(a["prompts"], sp, lora_request=lr)[0].outputs[0].text,
-                 "chat": llm.chat(a["messages"], sp, lora_request=lr)[0].outputs[0].text}
+    o = llm.generate(a["prompts"], sp, lora_request=lr)[0].outputs[0]
+    out[name] = {"completion": o.text, "chat": llm.chat(a["messages"], sp, lora_request=lr)[0].outputs[0].text,
+                 "logprobs": [pos[t].logprob for t, pos in zip(o.token_ids, o.logprobs)],
+                 "top": [[lp.decoded_token for lp in sorted(pos.values(), key=lambda lp: lp.rank) if lp.rank <= 2]
+                         for pos in o.logprobs]}
 print("RESULT" + json.dumps(out))
 """
 
@@ -222,13 +239,18 @@ def test_answers_equal_vllm_offline(served, tiny_base):
     names = {"tiny": None, "alpha": str(served.src / "alpha"), "beta": str(served.src / "beta")}
     ours = {}
     for name in names:
+        r = c.completions.create(model=name, prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=2).choices[0]
         ours[name] = {
-            "completion": c.completions.create(model=name, prompt=PROMPTS[0], max_tokens=12, temperature=0)
-            .choices[0].text,
+            "completion": r.text,
             "chat": c.chat.completions.create(model=name, messages=MSGS, max_tokens=12, temperature=0)
             .choices[0].message.content,
+            "logprobs": r.logprobs.token_logprobs, "top": [list(t) for t in r.logprobs.top_logprobs],
         }
-    assert offline_answers(str(tiny_base), names) == ours
+    theirs = offline_answers(str(tiny_base), names)
+    for name in names:  # the same tokens, alternatives and log-probabilities as vLLM's offline LLM
+        assert ours[name]["logprobs"] == pytest.approx(theirs[name].pop("logprobs"), abs=1e-3), name
+        del ours[name]["logprobs"]
+    assert theirs == ours
 
 
 def offline_answers(base: str, adapters: dict[str, str | None], lora: bool = True) -> dict:
@@ -256,7 +278,8 @@ def test_merged_model_mode(tiny_base, tiny_adapters, tmp_path, root):
         with pytest.raises(openai.NotFoundError):
             c.chat.completions.create(model="alpha", messages=MSGS, max_tokens=4)
         assert "LoRA off (a base or merged model alone)" in log.read_text()
-    assert offline_answers(str(merged), {"alpha-merged": None}, lora=False) == ours
+    theirs = offline_answers(str(merged), {"alpha-merged": None}, lora=False)
+    assert {k: {"completion": v["completion"], "chat": v["chat"]} for k, v in theirs.items()} == ours
 
 
 def test_readme_python_snippet_against_the_server(served, capsys):
