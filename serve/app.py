@@ -337,7 +337,12 @@ def build_app(fe: Frontend) -> FastAPI:
         if existing and not req.load_inplace:
             raise OpenAIError(400, f"adapter {req.lora_name} is already registered; unload it first or pass "
                                    "load_inplace: true", param="lora_name")
-        await asyncio.to_thread(fe.registry.register, req.lora_name, req.lora_path, req.load_inplace)
+        try:
+            await asyncio.to_thread(fe.registry.register, req.lora_name, req.lora_path, req.load_inplace)
+        except OpenAIError as e:  # the gate's errors name `model` for requests; here it is the path
+            if e.param == "model":
+                e.param = "lora_path"
+            raise
         fe.unloaded.pop(req.lora_name, None)  # the name is back: replicas tell versions apart themselves
         if existing:
             # Free the old weights here now; other replicas see the new version on their next request.
@@ -381,14 +386,15 @@ def build_app(fe: Frontend) -> FastAPI:
         asked = req.max_completion_tokens or req.max_tokens
         if asked is not None and asked > fe.limits.max_tokens:
             raise OpenAIError(400, f"max_tokens={asked} is above this server's limit of {fe.limits.max_tokens}",
-                              param="max_tokens")
+                              param="max_tokens", code="invalid_parameter")
         if asked is not None and prompt_len + asked > limit:
             raise OpenAIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                    f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} for the "
                                    f"completion). Reduce the prompt or max_tokens.", param="max_tokens",
                               code="context_length_exceeded")
         if req.n > fe.limits.max_n:
-            raise OpenAIError(400, f"n={req.n} is above this server's limit of {fe.limits.max_n}", param="n")
+            raise OpenAIError(400, f"n={req.n} is above this server's limit of {fe.limits.max_n}", param="n",
+                              code="invalid_parameter")
         if asked is not None and req.min_tokens > asked:
             raise OpenAIError(400, f"min_tokens={req.min_tokens} is above max_tokens={asked}", param="min_tokens",
                               code="invalid_parameter")

@@ -151,7 +151,8 @@ class AdapterRegistry:
             roots = self.local_roots()
             if not any(p == r or r in p.parents for r in roots):
                 raise OpenAIError(403, f"lora_path {uri} is outside the configured adapter roots "
-                                       f"{[str(r) for r in roots]}", type="permission_error", param="lora_path")
+                                       f"{[str(r) for r in roots]}", type="permission_error", param="lora_path",
+                                  code="path_not_allowed")
             uri = str(p)
         a = Adapter(name, uri, registered=True)
         self.prepare(a, refresh=refresh)  # gate before it becomes visible

@@ -209,6 +209,7 @@ def test_hot_load_unload_and_gate(stack, tiny_base, tmp_path):
     r = post(stack, "/v1/load_lora_adapter", {"lora_name": "big", "lora_path": str(stack.src / "late" / "big")},
              key="sk-admin")
     assert r.status_code == 422 and "rank 32" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "lora_path"
     assert stack.oai.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}],
                                              max_tokens=1).choices
     r = post(stack, "/v1/unload_lora_adapter", {"lora_name": "gamma"}, key="sk-admin")
