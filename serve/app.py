@@ -152,8 +152,9 @@ def completion_logprobs(entries: list, offset: int) -> dict[str, Any]:
         tokens.append(t)
         offsets.append(offset)
         offset += len(t)
+    # up to logprobs + 1 entries: the sampled token is always among them (OpenAI's and vLLM's rule)
     return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [dict(alts) for _, _, alts in entries], "text_offset": offsets}
+            "top_logprobs": [{**dict(alts), t: lp} for t, lp, alts in entries], "text_offset": offsets}
 
 
 async def until_disconnected(request: Request, stream: AsyncIterator[Any], poll_s: float = 1.0):
@@ -181,8 +182,7 @@ async def until_disconnected(request: Request, stream: AsyncIterator[Any], poll_
     finally:
         if not nxt.done():
             nxt.cancel()  # raises CancelledError inside the generator: it aborts and closes itself
-            with contextlib.suppress(BaseException):
-                await nxt
+            await asyncio.wait({nxt})  # (wait, not await: its CancelledError is not ours to raise)
         with contextlib.suppress(Exception):
             await stream.aclose()
 
@@ -374,6 +374,9 @@ def build_app(fe: Frontend) -> FastAPI:
         a = await asyncio.to_thread(fe.registry.get, model)
         if a is None:
             raise model_not_found(model)
+        if model in fe.registry.engine_refused:  # not again: each try could evict a good adapter
+            raise OpenAIError(422, fe.registry.rejected.get(model, f"the engine refused adapter {model}"),
+                              param="model", code="adapter_incompatible")
         await asyncio.to_thread(fe.registry.prepare, a)
         return {"name": a.name, "path": str(a.local_path), "version": a.version}, a.template or fe.base_template
 
@@ -484,7 +487,7 @@ def build_app(fe: Frontend) -> FastAPI:
             slot.__exit__()
             if adapter and any(c.__name__ == "AdapterLoadError" for c in type(e).__mro__):
                 msg = str(getattr(e, "cause", None) or e)
-                fe.registry.rejected[adapter["name"]] = msg
+                fe.registry.refused_by_engine(adapter["name"], msg)
                 raise OpenAIError(422, msg, param="model", code="adapter_incompatible") from None
             raise
         if first.get("loaded") and adapter:

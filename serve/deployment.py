@@ -21,18 +21,18 @@ also takes the HTTP connections itself (serve/listener.py), so Ray Serve's proxy
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
-from typing import Any
+from typing import Any, Callable
 
 from ray import serve
 
 from lorafleet.config import ServeConfig
-from serve.engine import ModelServer, VllmEngine
+from serve.engine import ModelServer, VllmEngine, check_sampling
 
 log = logging.getLogger("lorafleet.serve")
 APP_NAME = "lorafleet"
@@ -55,8 +55,9 @@ def engine_plan(cfg: ServeConfig, model_path: str) -> dict[str, Any]:
     reg = AdapterRegistry(cfg.adapters, cache_dir=Path("/tmp"), allow_pickle=True)
     reg.scan()
     enable_lora = cfg.engine.enable_lora if cfg.engine.enable_lora is not None else bool(cfg.adapters)
-    # At least 16 (lorafleet's and peft's usual rank), so that adapters loaded later through the
-    # admin API are not refused because the ones present at start were smaller.
+    # At least 16 (vLLM's own default), so that adapters loaded later through the admin API are
+    # not refused because the ones present at start were smaller. A fleet of rank-8 adapters
+    # decodes faster with engine.max_lora_rank: 8 (vLLM pads every adapter to the maximum).
     rank = cfg.engine.max_lora_rank or next((r for r in VLLM_LORA_RANKS if r >= max(reg.max_rank(), 16)), 512)
     max_loras = cfg.engine.max_loras or max(1, min(8, len(reg.adapters) or 1, cfg.max_resident_adapters))
     return {"enable_lora": enable_lora, "max_lora_rank": rank, "max_loras": max_loras,
@@ -73,6 +74,7 @@ def build_frontend(cfg: ServeConfig, model_path: str, backend: Any, max_model_le
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.engine.trust_remote_code)
     tpl = tok.chat_template or ""
     fp = base_fingerprint(model_path)["fingerprint"] if Path(model_path).is_dir() else None
+    check_sampling({"max_tokens": 1})  # imports vLLM's SamplingParams now, not on the first request
     registry = AdapterRegistry(cfg.adapters, cache_dir=cache_root() / "adapters", base_shapes=module_shapes(model_path),
                                base_fingerprint=fp, max_lora_rank=max_lora_rank, allow_pickle=cfg.allow_pickle,
                                max_adapter_bytes=cfg.limits.max_adapter_bytes,
@@ -154,6 +156,8 @@ class EngineWatch:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="lorafleet-engine-watch", daemon=True)
         self.thread.start()
+        # vLLM's own exit handlers mark the engine dead: an exiting process is not a dying engine
+        atexit.register(self.stop)
 
     def _watch(self) -> None:
         while not self.stopping.wait(self.poll_s):

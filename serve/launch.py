@@ -111,7 +111,8 @@ def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = T
         drain(log, cfg.shutdown_grace_s, now)
     except Exception as e:  # the app is already gone or broken: nothing left to wait for
         log(f"could not drain ({e}); shutting down")
-    serve.shutdown()
+    if not (now.is_set() and starts_own_ray(cfg.address, os.environ)):
+        serve.shutdown()  # waits for the replicas' own graceful shutdown; a second Ctrl-C does not
     ray.shutdown()
 
 

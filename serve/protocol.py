@@ -68,7 +68,7 @@ class _Request(BaseModel):
     @classmethod
     def _logit_bias(cls, v):
         for k, b in (v or {}).items():
-            if not k.strip().isdigit():
+            if not (k.strip().isascii() and k.strip().isdigit()):
                 raise ValueError(f"keys are token ids, got {k!r}")
             if not -100 <= b <= 100:
                 raise ValueError(f"bias {b} for token {k} is outside [-100, 100]")

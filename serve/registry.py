@@ -69,6 +69,9 @@ class AdapterRegistry:
         # Unloaded through the admin API: a scan does not bring them back (vLLM's unload means
         # "gone until loaded again"), a load_lora_adapter does.
         self.unloaded: set[str] = set()
+        # Passed the gate, refused by the engine (vLLM's own checks): not sent to it again until
+        # loaded again through the admin API (load_inplace for one that is listed).
+        self.engine_refused: set[str] = set()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------------------ scanning
@@ -159,7 +162,13 @@ class AdapterRegistry:
         with self._lock:
             self.adapters[name] = a
             self.unloaded.discard(name)
+            self.engine_refused.discard(name)
         return a
+
+    def refused_by_engine(self, name: str, why: str) -> None:
+        with self._lock:
+            self.engine_refused.add(name)
+            self.rejected[name] = why
 
     def unregister(self, name: str) -> Adapter | None:
         with self._lock:
@@ -208,6 +217,9 @@ class AdapterRegistry:
             raise UserError(f"adapter {info.name} carries embedding/lm_head weights (new tokens); merge it instead")
         if info.config.get("use_dora"):
             raise UserError(f"adapter {info.name} is a DoRA adapter, which vLLM does not serve; merge it instead")
+        if info.config.get("lora_bias"):
+            raise UserError(f"adapter {info.name} has lora_bias (a bias on LoRA's B), which vLLM does not serve; "
+                            "merge it instead")
         if info.config.get("bias") not in (None, "none"):
             raise UserError(f"adapter {info.name} was trained with bias={info.config['bias']!r} (bias terms of its "
                             "own), which vLLM does not serve; merge it instead, or train with bias: none")

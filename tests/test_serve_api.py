@@ -371,6 +371,9 @@ def test_logit_bias_and_logprobs(stack):
     assert "".join(lp.tokens) == r.choices[0].text and lp.token_logprobs == [-1.0] * 3
     assert lp.text_offset == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
     assert lp.top_logprobs[1] == {lp.tokens[1]: -1.0, "alt1": -2.0}
+    r = stack.oai.completions.create(model="tiny", prompt="hello", max_tokens=3, logprobs=0)
+    lp = r.choices[0].logprobs  # the sampled token is always among top_logprobs (logprobs + 1 entries)
+    assert lp.top_logprobs == [{t: -1.0} for t in lp.tokens]
     chunks = list(stack.oai.completions.create(model="tiny", prompt="hello", max_tokens=3, logprobs=1, stream=True))
     offsets = [o for c in chunks for o in c.choices[0].logprobs.text_offset]
     assert offsets == lp.text_offset
@@ -383,6 +386,11 @@ def test_an_adapter_the_engine_refuses_is_a_422_and_leaves_the_listing(stack):
         stack.oai.chat.completions.create(model="beta", messages=msgs, max_tokens=2)
     assert e.value.body["code"] == "adapter_incompatible"
     assert {m.id for m in stack.oai.models.list().data} == {"tiny", "alpha"}
+    stack.oai.chat.completions.create(model="alpha", messages=msgs, max_tokens=2)
+    loads = stack.server.loads
+    with pytest.raises(openai.UnprocessableEntityError, match="beta"):  # not sent to the engine again:
+        stack.oai.chat.completions.create(model="beta", messages=msgs, max_tokens=2)
+    assert stack.server.loads == loads and "alpha" in stack.server.resident  # nothing evicted for it
     assert stack.oai.chat.completions.create(model="alpha", messages=msgs, max_tokens=2).choices[0].message.content
 
 
