@@ -27,7 +27,7 @@ from lorafleet.config import LimitsSection
 from lorafleet.templates import render_prompt_ids
 from serve.protocol import (ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, OpenAIError,
                             UnloadLoRAAdapterRequest, model_not_found, new_id, now)
-from serve.engine import check_sampling
+from serve.engine import AdapterLoadError, check_sampling
 from serve.registry import AdapterRegistry
 
 log = logging.getLogger("lorafleet.serve")
@@ -192,13 +192,18 @@ class ClientDisconnected(Exception):
 
 
 def _is_client_error(e: BaseException) -> bool:
-    """vLLM's errors that are the request's fault (VLLMValidationError and its family), also when
-    they come wrapped by Ray from an engine replica (its RayTaskError subclasses the cause)."""
+    """vLLM's errors that are the request's fault (VLLMValidationError and its family, matched by
+    name: the front end need not import vLLM), also when they come wrapped by Ray from an engine
+    replica (its RayTaskError subclasses the cause)."""
     return isinstance(e, ValueError) or any(c.__name__ == "VLLMClientError" for c in type(e).__mro__)
 
 
+def _cause(e: BaseException) -> BaseException:
+    return getattr(e, "cause", None) or e  # Ray's RayTaskError keeps the original as .cause
+
+
 def _client_error(e: BaseException) -> OpenAIError:
-    cause = getattr(e, "cause", None) or e  # Ray's RayTaskError keeps the original as .cause
+    cause = _cause(e)
     msg = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
     param = getattr(cause, "parameter", None)
     if param is None:  # vLLM's messages mostly start with the field's name ("n must be 1 when ...")
@@ -485,8 +490,8 @@ def build_app(fe: Frontend) -> FastAPI:
             first = await stream.__anext__()  # the "start" event: adapter loaded; errors surface here
         except BaseException as e:
             slot.__exit__()
-            if adapter and any(c.__name__ == "AdapterLoadError" for c in type(e).__mro__):
-                msg = str(getattr(e, "cause", None) or e)
+            if adapter and isinstance(e, AdapterLoadError):  # also as Ray's RayTaskError(AdapterLoadError)
+                msg = str(_cause(e))
                 fe.registry.refused_by_engine(adapter["name"], msg)
                 raise OpenAIError(422, msg, param="model", code="adapter_incompatible") from None
             raise
