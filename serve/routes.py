@@ -1,0 +1,353 @@
+"""The HTTP front: what lorafleet serves itself, and the OpenAI routes it hands to a replica.
+
+The front owns the fleet's side of a request: keys (serve/auth.py), the body size limit, the
+drain state, per-key concurrency, the registry (which adapters exist, the gate, `/v1/models`,
+the admin routes) and metrics. The OpenAI routes themselves (serve/contract.py OPENAI_ROUTES)
+are answered by vLLM's serving classes in an engine replica (serve/openai_serving.py): the
+front resolves `model`, passes the client's body on untouched with the adapter it resolved,
+and relays the replica's answer byte for byte. A `Backend` reaches the replica, in this
+process (fused topology) or through a Ray Serve handle (split).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorafleet.config import LimitsSection
+from serve.auth import KeyCheck
+from serve.contract import OPENAI_ROUTES, AdapterLoadError, AdapterRef, End, ReplicaRequest, Start
+from serve.errors import OpenAIError, adapter_refused
+from serve.metrics import Metrics
+from serve.registry import AdapterRegistry
+
+log = logging.getLogger("lorafleet.serve")
+
+UNLOAD_NOTICE_S = 600.0
+# Client headers a replica may read (vLLM takes the request id and trace context from them).
+PASSED_HEADERS = {b"x-request-id", b"traceparent", b"tracestate"}
+
+
+class Backend(Protocol):
+    """Reaches the engine replicas."""
+
+    def handle(self, req: ReplicaRequest) -> AsyncIterator[Start | bytes | End]: ...
+
+    async def unload(self, name: str) -> None: ...
+
+    async def health(self) -> None: ...
+
+
+@dataclass
+class Frontend:
+    """Everything the front's routes need."""
+    served_name: str
+    registry: AdapterRegistry
+    backend: Backend
+    max_model_len: int
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    api_keys: list[str] = field(default_factory=list)
+    admin_keys: list[str] = field(default_factory=list)
+    root_model: str = ""
+    metrics: Metrics = field(default_factory=Metrics)
+    per_key_in_flight: defaultdict = field(default_factory=lambda: defaultdict(int))
+    draining: bool = False
+    # Adapters unloaded through the admin API, by time. The unload reaches one engine replica;
+    # every request tells the replica it lands on to free these too (Ray Serve has no broadcast),
+    # for UNLOAD_NOTICE_S, after which LRU eviction is left to do it.
+    unloaded: dict[str, float] = field(default_factory=dict)
+
+    def recently_unloaded(self) -> list[str]:
+        cutoff = time.monotonic() - UNLOAD_NOTICE_S
+        for name in [n for n, t in self.unloaded.items() if t < cutoff]:
+            del self.unloaded[name]
+        return list(self.unloaded)
+
+    def drain(self) -> int:
+        """Refuse new requests (503; /ready fails so load balancers stop sending); return how many run."""
+        self.draining = True
+        return sum(self.per_key_in_flight.values())
+
+    async def resolve(self, model: str | None) -> AdapterRef | None:
+        """The adapter version a request's `model` names, through the registry's gate; None for
+        the base or a name the registry does not know (vLLM answers those: its own 404)."""
+        if not model or model == self.served_name:
+            return None
+        a = await asyncio.to_thread(self.registry.get, model)
+        if a is None:
+            return None
+        if model in self.registry.engine_refused:  # not again: each try could evict a good adapter
+            raise adapter_refused(self.registry.rejected.get(model, f"the engine refused adapter {model}"))
+        await asyncio.to_thread(self.registry.prepare, a)
+        return AdapterRef(a.name, str(a.local_path), a.version, a.template)
+
+
+# --------------------------------------------------------------------------- the OpenAI routes
+async def read_body(receive, limit: int, declared: str | None) -> bytes:
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise OpenAIError(413, f"request body is {declared} bytes, above the {limit}-byte limit "
+                               "(limits.max_body_bytes)")
+    body = b""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError()
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise OpenAIError(413, f"request body is above the {limit}-byte limit (limits.max_body_bytes)")
+        if not message.get("more_body", False):
+            return body
+
+
+def requested_model(body: bytes) -> str | None:
+    """The body's `model`, when it is a JSON object with a string there; anything else is left
+    for vLLM's own parsing to refuse, in its own words."""
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    model = obj.get("model") if isinstance(obj, dict) else None
+    return model if isinstance(model, str) else None
+
+
+class OpenAIRoute:
+    """An ASGI endpoint that hands one OpenAI route to a replica and relays its answer. Plain
+    ASGI, so streamed chunks go from the replica to the socket without another layer, and a
+    client that hangs up cancels the request in the engine (streamed or not)."""
+
+    def __init__(self, fe: Frontend):
+        self.fe = fe
+
+    async def __call__(self, scope, receive, send):
+        fe, m, path = self.fe, self.fe.metrics, scope["path"]
+        t0 = time.perf_counter()
+        key = scope.get("state", {}).get("key", "anonymous")
+        model = "-"
+        try:
+            if fe.draining:
+                raise OpenAIError(503, "the server is shutting down; retry on another replica",
+                                  headers={"Retry-After": "5"})
+            headers = dict(scope["headers"])
+            body = await read_body(receive, fe.limits.max_body_bytes, (headers.get(b"content-length") or b"").decode())
+            model = requested_model(body) or fe.served_name
+            adapter = await fe.resolve(model)
+            if fe.per_key_in_flight[key] >= fe.limits.max_concurrent_per_key:
+                raise OpenAIError(429, f"too many concurrent requests for this key (limit "
+                                       f"{fe.limits.max_concurrent_per_key}); retry shortly", headers={"Retry-After": "1"})
+        except OpenAIError as e:
+            m.requests.labels(path, model, str(e.status)).inc()
+            return await e.response()(scope, receive, send)
+        req = ReplicaRequest(scope["method"], path, body, adapter,
+                             [(k, v) for k, v in scope["headers"] if k.lower() in PASSED_HEADERS],
+                             fe.recently_unloaded())
+        fe.per_key_in_flight[key] += 1
+        m.in_flight.inc()
+        try:
+            status = await self._relay(req, model, scope, receive, send, t0)
+        finally:
+            fe.per_key_in_flight[key] -= 1
+            m.in_flight.dec()
+        m.requests.labels(path, model, str(status)).inc()
+        m.latency.labels(path).observe(time.perf_counter() - t0)
+
+    async def _relay(self, req: ReplicaRequest, model: str, scope, receive, send, t0: float) -> int:
+        """Send the replica's answer to the client; returns the status it had."""
+        fe, m = self.fe, self.fe.metrics
+        events = fe.backend.handle(req)
+        try:
+            start = await events.__anext__()
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                await events.aclose()
+            err = self._failed(req, e)
+            await err.response()(scope, receive, send)
+            return err.status
+        if start.loaded:
+            m.adapter_loads.labels(model).inc()
+        for name in start.evicted:
+            m.adapter_evictions.labels(name).inc()
+        await send({"type": "http.response.start", "status": start.status, "headers": start.headers})
+        streamed = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in start.headers)
+
+        async def pump():
+            first = True
+            async for ev in events:
+                if isinstance(ev, End):
+                    m.prompt_tokens.labels(model).inc(ev.prompt_tokens)
+                    m.completion_tokens.labels(model).inc(ev.completion_tokens)
+                    continue
+                if first and streamed:
+                    m.ttft.labels(model).observe(time.perf_counter() - t0)
+                first = False
+                await send({"type": "http.response.body", "body": ev, "more_body": True})
+
+        status = start.status
+        pumping = asyncio.ensure_future(pump())
+        watching = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+            if not pumping.done():  # the client hung up: cancelling aborts the request in the engine
+                pumping.cancel()
+                status = 499
+            with contextlib.suppress(asyncio.CancelledError):
+                exc = pumping.exception() if not pumping.cancelled() else None
+                if exc is not None:  # the replica failed after the answer began: end it cleanly
+                    log.error("request to %s failed mid-answer: %r", model, exc)
+                    status = 500
+                    if streamed:
+                        err = OpenAIError(500, f"generation failed: {type(exc).__name__}: {str(exc)[:200]}")
+                        await send({"type": "http.response.body", "more_body": True,
+                                    "body": f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n".encode()})
+            if status != 499:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watching.cancel()
+            if not pumping.done():
+                pumping.cancel()
+            with contextlib.suppress(BaseException):
+                await pumping
+            with contextlib.suppress(Exception):
+                await events.aclose()
+        return status
+
+    def _failed(self, req: ReplicaRequest, e: BaseException) -> OpenAIError:
+        """The error for a replica that failed before answering."""
+        if req.adapter is not None and isinstance(e, AdapterLoadError):  # also as Ray's RayTaskError(...)
+            msg = str(getattr(e, "cause", None) or e)
+            self.fe.registry.refused_by_engine(req.adapter.name, msg)
+            return adapter_refused(msg)
+        log.error("request failed in the replica: %r", e)
+        return OpenAIError(503, f"the engine could not serve this request ({type(e).__name__}: {str(e)[:200]}); "
+                                "retry shortly", headers={"Retry-After": "5"})
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+# ------------------------------------------------------------------------------------ the app
+def model_cards(fe: Frontend) -> list[dict[str, Any]]:
+    """/v1/models: the base and every adapter the registry serves, as vLLM's ModelCard."""
+    from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
+
+    fe.registry.scan()
+    cards = [ModelCard(id=fe.served_name, root=fe.root_model or fe.served_name, owned_by="lorafleet",
+                       max_model_len=fe.max_model_len, permission=[ModelPermission()])]
+    for a in fe.registry.servable():
+        cards.append(ModelCard(id=a.name, root=a.uri, parent=fe.served_name, owned_by="lorafleet", created=a.created,
+                               permission=[ModelPermission()]))
+    return [c.model_dump() for c in cards]
+
+
+def build_app(fe: Frontend) -> FastAPI:
+    """The front's FastAPI app: its own routes, the OpenAI routes relayed to a replica, keys
+    checked in front of all of them."""
+    app = FastAPI(title="lorafleet", version="0.1.0",
+                  description="OpenAI-compatible API over a base model and its LoRA adapters (vLLM's serving).")
+    app.state.frontend = fe
+    m = fe.metrics
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_req, exc: OpenAIError):
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(req, exc: StarletteHTTPException):
+        msg = {404: f"no route {req.method} {req.url.path} on this server",
+               405: f"{req.method} is not allowed on {req.url.path}"}.get(exc.status_code, str(exc.detail))
+        return OpenAIError(exc.status_code, msg, headers=dict(exc.headers or {})).response()
+
+    @app.get("/health")
+    async def health():
+        try:
+            await asyncio.wait_for(fe.backend.health(), timeout=10)
+        except Exception as e:  # an engine that died or hangs: not healthy, whatever the cause
+            return JSONResponse({"status": "unhealthy", "error": str(e)[:200]}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if fe.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(m.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": await asyncio.to_thread(model_cards, fe)}
+
+    @app.get("/v1/models/{model_id:path}")  # the base's id may be a path or an org/name id
+    async def get_model(model_id: str):
+        for card in await asyncio.to_thread(model_cards, fe):
+            if card["id"] == model_id:
+                return card
+        raise OpenAIError(404, f"The model `{model_id}` does not exist.", param="model")
+
+    add_admin_routes(app, fe)
+    relay = OpenAIRoute(fe)
+    for method, path in sorted(OPENAI_ROUTES):
+        app.add_route(path, relay, methods=[method], include_in_schema=False)
+    app.add_middleware(KeyCheck, api_keys=fe.api_keys, admin_keys=fe.admin_keys)
+    return app
+
+
+def add_admin_routes(app: FastAPI, fe: Frontend) -> None:
+    """vLLM's runtime LoRA routes (same bodies), over the registry, and a rescan of the sources."""
+    from pydantic import ValidationError
+    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+
+    async def parsed(request: Request, model):
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(str(x) for x in first["loc"]) or None
+            raise OpenAIError(400, f"{param or 'body'}: {first['msg']}", param=param) from None
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(request: Request):
+        req = await parsed(request, LoadLoRAAdapterRequest)
+        if req.lora_name == fe.served_name:
+            raise OpenAIError(400, f"The lora adapter '{req.lora_name}' conflicts with a served base model.",
+                              param="lora_name")
+        existing = fe.registry.adapters.get(req.lora_name)
+        if existing and not req.load_inplace:
+            raise OpenAIError(400, f"The lora adapter '{req.lora_name}' has already been loaded. If you want to "
+                                   "load the adapter in place, set 'load_inplace' to True.", param="lora_name")
+        try:
+            await asyncio.to_thread(fe.registry.register, req.lora_name, req.lora_path, req.load_inplace)
+        except OpenAIError as e:  # the gate's errors name `model` for requests; here it is the path
+            if e.param == "model":
+                e.param = "lora_path"
+            raise
+        fe.unloaded.pop(req.lora_name, None)  # the name is back: replicas tell versions apart themselves
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(request: Request):
+        req = await parsed(request, UnloadLoRAAdapterRequest)
+        if fe.registry.unregister(req.lora_name) is None:
+            raise OpenAIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", param="lora_name")
+        fe.unloaded[req.lora_name] = time.monotonic()
+        await fe.backend.unload(req.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
+    @app.post("/v1/adapters/rescan")
+    async def rescan():
+        found = await asyncio.to_thread(fe.registry.scan)
+        return {"adapters": sorted(found), "rejected": fe.registry.rejected}
