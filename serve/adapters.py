@@ -122,6 +122,8 @@ class AdapterCache:
             del self.in_flight[name]
             if name in self.retired:
                 await self._drop(self.retired.pop(name))
+            elif len(self.resident) > self.max_resident:  # it was kept over the limit while in use
+                await self._evict_idle(len(self.resident) - self.max_resident)
 
     async def unload(self, name: str) -> bool:
         """Stop serving `name` here (admin unload); running requests finish first."""
@@ -163,11 +165,15 @@ class AdapterCache:
         return Loaded(ref, lora, snapshot)
 
     async def _make_room(self, incoming: str) -> list[str]:
+        return await self._evict_idle(len(self.resident) + 1 - self.max_resident, keep=incoming)
+
+    async def _evict_idle(self, count: int, keep: str | None = None) -> list[str]:
+        """Evict up to `count` adapters no request is using, least recently used first."""
         evicted = []
         for victim in list(self.resident):
-            if len(self.resident) < self.max_resident:
+            if len(evicted) >= count:
                 break
-            if victim != incoming and self.in_flight[self.resident[victim].lora.lora_name] == 0:
+            if victim != keep and self.in_flight[self.resident[victim].lora.lora_name] == 0:
                 await self._retire(victim, "LRU")
                 self.evictions += 1
                 evicted.append(victim)

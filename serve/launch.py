@@ -77,6 +77,7 @@ def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = T
     from serve.deployment import APP_NAME, build_app
 
     model_path = resolve_model(cfg.model)
+    check_engine_settings(cfg, model_path)  # vLLM's parser and checks, before Ray starts anything
     env = {"RAY_worker_niceness": "0", "TOKENIZERS_PARALLELISM": "false"}
     for k in ("LORAFLEET_API_KEY", "LORAFLEET_ADMIN_KEY", "LORAFLEET_CACHE", "AWS_ENDPOINT_URL",
               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "HF_TOKEN", "HF_HUB_OFFLINE"):
@@ -114,6 +115,17 @@ def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = T
     if not (now.is_set() and starts_own_ray(cfg.address, os.environ)):
         serve.shutdown()  # waits for the replicas' own graceful shutdown; a second Ctrl-C does not
     ray.shutdown()
+
+
+def check_engine_settings(cfg: ServeConfig, model_path: str) -> None:
+    """Parse the engine's settings as the replicas will (vLLM's own parser), so that a flag vLLM
+    refuses is one UserError here instead of a replica failing to start inside Ray."""
+    import torch
+
+    from serve.deployment import engine_plan
+    from serve.engine import engine_args
+
+    engine_args(cfg, model_path, engine_plan(cfg, model_path), on_cpu=not torch.cuda.is_available())
 
 
 def drain(log: Callable[[str], None], grace_s: float, now: threading.Event | None = None) -> None:
