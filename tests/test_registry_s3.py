@@ -12,7 +12,7 @@ import pytest
 
 from lorafleet.net import free_port
 
-from serve.protocol import OpenAIError
+from serve.errors import OpenAIError
 from serve.registry import AdapterRegistry
 
 

@@ -20,10 +20,7 @@ import httpx
 import openai
 import pytest
 
-from lorafleet.net import free_port, stop_server, wait_until_serving
-
-ENGINE_FLAGS = ["--set", "engine.dtype=float32", "--set", "engine.max_model_len=256",
-                "--set", "engine.cpu_kvcache_space_gb=0.5", "--set", "engine.max_lora_rank=16"]
+from servers import lorafleet_serve
 
 
 @pytest.fixture(scope="module", params=["fused", "split"])
@@ -48,24 +45,6 @@ def served(request, tiny_base, tiny_adapters, tmp_path_factory, root):
                           "--set", f"topology={request.param}"], work, root) as (url, proc, log):
         yield type("Served", (), dict(url=url, src=src, work=work, proc=proc, log=log, topology=request.param,
                                       client=openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)))
-
-
-@contextlib.contextmanager
-def lorafleet_serve(args: list[str], work: Path, root: Path):
-    """`python -m serve ARGS` on 127.0.0.1 with test keys; yields (url, process, log) once ready."""
-    port = free_port()
-    log = work / "server.log"
-    env = dict(os.environ, LORAFLEET_API_KEY="sk-test", LORAFLEET_ADMIN_KEY="sk-admin",
-               LORAFLEET_CACHE=str(work / "cache"), RAY_worker_niceness="0")
-    proc = subprocess.Popen([sys.executable, "-m", "serve", *args, "--port", str(port), *ENGINE_FLAGS],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=root,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(url, proc, log, timeout=240)
-        yield url, proc, log
-    finally:
-        stop_server(proc, grace_s=60)
 
 
 def test_local_ray_runs_without_cluster_extras(served):
@@ -359,11 +338,13 @@ def test_engine_process_ends_with_a_killed_replica(tiny_base, tmp_path, root):
     script = tmp_path / "replica.py"
     script.write_text(
         "import time\n"
-        "from lorafleet.config import EngineSection\n"
-        "from serve.engine import VllmEngine\n"
+        "from lorafleet.config import ServeConfig\n"
+        "from serve.engine import engine_args, start_engine\n"
         "if __name__ == '__main__':\n"
-        f"    VllmEngine({str(tiny_base)!r}, EngineSection(dtype='float32', max_model_len=256,"
-        " cpu_kvcache_space_gb=0.5), False, 16, 1, 1, 'tiny')\n"
+        f"    cfg = ServeConfig(model={str(tiny_base)!r}, engine=dict(dtype='float32', max_model_len=256,"
+        " cpu_kvcache_space_gb=0.5))\n"
+        "    plan = dict(enable_lora=False, max_lora_rank=16, max_loras=1, max_cpu_loras=1)\n"
+        "    start_engine(engine_args(cfg, cfg.model, plan, on_cpu=True), None)\n"
         "    print('READY', flush=True)\n"
         "    time.sleep(600)\n")
     log = tmp_path / "replica.log"
