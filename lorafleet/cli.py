@@ -123,13 +123,20 @@ def serve(config: Optional[Path] = typer.Argument(None, help="Serve YAML (option
           port: Optional[int] = typer.Option(None),
           api_key: list[str] = typer.Option([], help="A key clients must send (vLLM's flag; repeatable). "
                                                       "LORAFLEET_API_KEY or api_keys_file keep keys out of `ps`."),
+          enable_auto_tool_choice: bool = typer.Option(
+              False, "--enable-auto-tool-choice", help="vLLM's flag: tool_choice auto may answer with tool calls."),
+          tool_call_parser: Optional[str] = typer.Option(
+              None, help="vLLM's flag: hermes for ChatML bases (the embedded one), llama3_json, mistral, ..."),
+          reasoning_parser: Optional[str] = typer.Option(None, help="vLLM's flag, e.g. deepseek_r1, qwen3."),
           set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value.")):
     """Serve the base model and adapters behind an OpenAI-compatible API on Ray Serve + vLLM."""
     from lorafleet.config import ServeConfig, load_config
     from serve.launch import launch
 
     flags = {k: v for k, v in {"model": model, "served_model_name": served_model_name, "host": host,
-                                "port": port}.items() if v is not None}
+                                "port": port, "enable_auto_tool_choice": enable_auto_tool_choice or None,
+                                "tool_call_parser": tool_call_parser, "reasoning_parser": reasoning_parser}.items()
+             if v is not None}
     if adapters:
         flags["adapters"] = list(adapters)
     if api_key:  # the replicas read keys from the environment (launch passes it on)

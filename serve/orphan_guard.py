@@ -4,7 +4,7 @@ vLLM's engine core runs in a child process of the replica that holds `AsyncLLM`.
 exits normally it shuts the engine down; when it is SIGKILLed (the OOM killer, `ray stop --force`,
 a node agent) nothing does, and the orphan keeps its cores, memory and KV cache while Ray starts a
 new replica next to it. This vLLM plugin runs in every vLLM process. In the one lorafleet's
-engine started directly (its parent's pid is in LORAFLEET_ENGINE_PARENT, set by `VllmEngine`) a
+engine started directly (its parent's pid is in LORAFLEET_ENGINE_PARENT, set by `serve.engine.start_engine`) a
 daemon thread checks the parent once a second; once the parent is gone it stops the process the
 way vLLM's own shutdown does (SIGTERM: the engine's workers follow through vLLM's death pipes),
 and hard after a grace period. Other processes (vLLM's own servers, the workers) are left alone.

@@ -139,7 +139,10 @@ def send(url: str, path: str, body) -> tuple[int, list]:
     if r.headers.get("content-type", "").startswith("text/event-stream"):
         events = [ln[6:] for ln in r.text.splitlines() if ln.startswith("data: ") and ln != "data: [DONE]"]
         return r.status_code, [json.loads(e) for e in events]
-    return r.status_code, [r.json()]
+    try:
+        return r.status_code, [r.json()]
+    except ValueError:
+        return r.status_code, [{"text": r.text}]
 
 
 def shape(obj):
@@ -238,6 +241,85 @@ def test_text_parts_are_joined_as_vllm_joins_them(server):
     c = {n: send(url, *cases({"ws": {}, "ws_quotes": {}})[n])[1][0] for n in ("content_parts", "content_joined")}
     assert c["content_parts"]["choices"][0]["message"] == c["content_joined"]["choices"][0]["message"]
     assert c["content_parts"]["usage"] == c["content_joined"]["usage"]
+
+
+M_ = [{"role": "user", "content": "hi"}]
+CHAT = "/v1/chat/completions"
+CMPL = "/v1/completions"
+
+# (route, body or raw bytes, lorafleet's old status, a word its old error held): malformed requests
+# that lorafleet's own request models used to judge; now vLLM's parsing does, so lorafleet must
+# answer each as vLLM's server does.
+MALFORMED = [
+    (CHAT, b"", 400, "JSON"),
+    (CHAT, b"{", 400, "JSON"),
+    (CHAT, b"[1, 2]", 400, "object"),
+    (CHAT, b'"just a string"', 400, "object"),
+    (CHAT, b"\xff\xfe\x00garbage", 400, "UTF-8"),
+    (CHAT, b'{"model": "tiny", "messages": [{"role": "user", "content": "\xc3\x28"}]}', 400, "UTF-8"),
+    (CHAT, {"messages": M_}, 400, "model"),
+    (CHAT, {"model": "tiny"}, 400, "messages"),
+    (CHAT, {"model": "tiny", "messages": []}, 400, "messages"),
+    (CHAT, {"model": "tiny", "messages": "hi"}, 400, "messages"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user"}]}, 400, "content"),
+    (CHAT, {"model": "tiny", "messages": [{"content": "hi"}]}, 400, "role"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": 42}]}, 400, "content"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     400, "text"),
+    (CHAT, {"model": "", "messages": M_}, 400, "model"),
+    (CHAT, {"model": 7, "messages": M_}, 400, "model"),
+    (CHAT, {"model": "nope", "messages": M_}, 404, "does not exist"),
+    (CHAT, {"model": "../../etc/passwd", "messages": M_}, 404, "does not exist"),
+    (CHAT, {"model": "tiny", "messages": M_, "temperature": -1}, 400, "temperature"),
+    (CHAT, {"model": "tiny", "messages": M_, "temperature": 3.5}, 400, "temperature"),
+    (CHAT, {"model": "tiny", "messages": M_, "temperature": "hot"}, 400, "temperature"),
+    (CHAT, {"model": "tiny", "messages": M_, "top_p": 0}, 400, "top_p"),
+    (CHAT, {"model": "tiny", "messages": M_, "top_p": 1.5}, 400, "top_p"),
+    (CHAT, {"model": "tiny", "messages": M_, "max_tokens": 0}, 400, "max_tokens"),
+    (CHAT, {"model": "tiny", "messages": M_, "max_tokens": -5}, 400, "max_tokens"),
+    (CHAT, {"model": "tiny", "messages": M_, "max_tokens": 10**9}, 400, "max_tokens"),
+    (CHAT, {"model": "tiny", "messages": M_, "max_tokens": "many"}, 400, "max_tokens"),
+    (CHAT, {"model": "tiny", "messages": M_, "n": 0}, 400, "n"),
+    (CHAT, {"model": "tiny", "messages": M_, "n": 1000}, 400, "n"),
+    (CHAT, {"model": "tiny", "messages": M_, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    (CHAT, {"model": "tiny", "messages": M_, "stop": 5}, 400, "stop"),
+    (CHAT, {"model": "tiny", "messages": M_, "stream": "yes please"}, 400, "stream"),
+    (CHAT, {"model": "tiny", "messages": M_, "stream": 2}, 400, "stream"),
+    (CHAT, {"model": "tiny", "messages": M_, "seed": "x"}, 400, "seed"),
+    (CHAT, {"model": "tiny", "messages": M_, "presence_penalty": 9}, 400, "presence_penalty"),
+    (CHAT, {"model": "tiny", "messages": M_, "frequency_penalty": -9}, 400, "frequency_penalty"),
+    (CHAT, {"model": "tiny", "messages": M_, "max_tokn": 5}, 400, "max_tokn"),
+    (CHAT, {"model": "tiny", "messages": M_, "tools": [{"type": "function"}]}, 400, "tools"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "word " * 400}]}, 400, "context length"),
+    (CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "x", "extra": 1}]}, 400, "extra"),
+    (CMPL, {"model": "tiny"}, 400, "prompt"),
+    (CMPL, {"model": "tiny", "prompt": ""}, 400, "prompt"),
+    (CMPL, {"model": "tiny", "prompt": []}, 400, "prompt"),
+    (CMPL, {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
+    (CMPL, {"model": "tiny", "prompt": [1, 2, 10**9]}, 400, "prompt"),
+    (CMPL, {"model": "tiny", "prompt": [-3]}, 400, "prompt"),
+    (CMPL, {"model": "tiny", "prompt": {"text": "x"}}, 400, "prompt"),
+    (CMPL, {"model": "tiny", "prompt": "x", "echo": "loud"}, 400, "echo"),
+    (CMPL, {"model": "nope", "prompt": "x"}, 404, "does not exist"),
+    (CMPL, {"model": "tiny", "prompt": "word " * 400}, 400, "context length"),
+]
+
+
+@pytest.mark.parametrize("route,body,_old,_word", MALFORMED, ids=[f"{i:02d}" for i in range(len(MALFORMED))])
+def test_malformed_request_like_vllm(servers, route, body, _old, _word):
+    ours, theirs = send(servers["lorafleet"], route, body), send(servers["vllm"], route, body)
+    assert ours[0] == theirs[0], (ours, theirs)
+    if ours[0] >= 400:
+        assert set(ours[1][0]["error"]) == set(theirs[1][0]["error"]) == {"message", "type", "param", "code"}
+
+
+def test_server_stays_healthy_after_the_catalogue(servers):
+    assert len(MALFORMED) >= 40
+    assert httpx.get(servers["lorafleet"] + "/health").status_code == 200
+    status, objs = send(servers["lorafleet"], "/v1/chat/completions", {"model": "tiny", "messages": MSGS,
+                                                                       "max_tokens": 2})
+    assert status == 200 and objs[0]["choices"][0]["message"]["content"] is not None
 
 
 # ------------------------------------------------------------------- lorafleet's deliberate differences

@@ -108,3 +108,18 @@ def test_engine_settings_vllm_refuses_are_one_clear_error_before_ray_starts(tiny
                               str(tiny_base))
     check_engine_settings(ServeConfig(model=str(tiny_base), tool_call_parser="hermes", enable_auto_tool_choice=True,
                                       engine={"extra_args": ["--enable-prefix-caching"]}), str(tiny_base))
+
+
+def test_tool_flags_like_vllms(monkeypatch):
+    from typer.testing import CliRunner
+
+    import serve.launch
+    from lorafleet.cli import app
+
+    seen = {}
+    monkeypatch.setattr(serve.launch, "launch", lambda cfg, log: seen.update(cfg=cfg))
+    r = CliRunner().invoke(app, ["serve", "--model", "m", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                                 "--reasoning-parser", "qwen3"])
+    assert r.exit_code == 0, r.output
+    cfg = seen["cfg"]
+    assert (cfg.enable_auto_tool_choice, cfg.tool_call_parser, cfg.reasoning_parser) == (True, "hermes", "qwen3")
