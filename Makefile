@@ -10,7 +10,7 @@ export RAY_worker_niceness := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv test test-slow demo bench base reliability k8s-check image-cpu clean lint
+.PHONY: venv test test-slow demo bench base reliability k8s-check gpu-resolution image-cpu clean lint
 venv: $(STAMP)
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV) $(PYTHON)
@@ -36,6 +36,10 @@ reliability: venv
 
 k8s-check: venv
 	$(PY) -m lorafleet.k8s_check
+
+# The CUDA image's resolved packages (PyPI metadata only), compared with its CUDA base by tests/test_k8s.py.
+gpu-resolution: venv
+	$(PY) scripts/gpu_resolution.py > k8s/gpu-resolution.json.tmp && mv k8s/gpu-resolution.json.tmp k8s/gpu-resolution.json
 
 lint: venv
 	$(VENV)/bin/hadolint Dockerfile

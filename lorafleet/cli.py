@@ -98,6 +98,16 @@ def export_onnx(model: str = typer.Option(..., help="Merged model directory, or 
         adapters=adapters or None, allow_pickle=allow_pickle)
 
 
+@app.command("fetch-model")
+@user_errors
+def fetch_model_cmd(source: str = typer.Argument(..., help="org/name (HF hub), s3://bucket/prefix, or a directory."),
+                    out: Path = typer.Option(..., help="Where the model directory goes (written all at once).")):
+    """Copy a base model onto a volume (the Kubernetes model-loader Job runs this)."""
+    from lorafleet.models import fetch_model
+
+    fetch_model(source, out, log=log)
+
+
 @app.command()
 @user_errors
 def generate(prompt: str = typer.Argument(...),

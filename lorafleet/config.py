@@ -125,7 +125,7 @@ class EngineSection(_Strict):
     )
     max_model_len: int | None = None
     max_lora_rank: int | None = Field(None, description="Unset: the largest rank in the registry, at least 16 (rounded up to what vLLM takes).")
-    max_loras: int | None = Field(None, description="Adapters resident at once in a batch; unset: min(8, registry).")
+    max_loras: int | None = Field(None, description="Adapters in one batch (vLLM's max_loras); unset: min(8, max_resident_adapters).")
     max_cpu_loras: int | None = None
     max_num_seqs: int = 64
     gpu_memory_utilization: float = 0.85
@@ -208,6 +208,9 @@ class ServeConfig(_Strict):
     trust_request_chat_template: bool = Field(
         False, description="Let a request's own `chat_template` replace the adapter's or base's template "
                            "(vLLM's flag). Off: such requests get vLLM's 400.")
+    model_wait_s: float = Field(
+        0, ge=0, description="A RayService's app waits this long for a local model directory to appear (the "
+                             "model-loader Job fills the volume) instead of failing its deploy.")
     shutdown_grace_s: float = Field(120, ge=0, description="On SIGTERM: how long in-flight requests may finish.")
     topology: Literal["auto", "fused", "split"] = Field(
         "auto", description="fused: HTTP and engine in one replica (one hop less, one replica); split: an "

@@ -43,6 +43,45 @@ def overlays() -> list[Path]:
     return sorted(p for p in (ROOT / "k8s" / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 
 
+def job_kustomizations() -> list[Path]:
+    """k8s/jobs/*: one kustomization a Job, applied when asked (not with an overlay)."""
+    return sorted(p for p in (ROOT / "k8s" / "jobs").iterdir() if (p / "kustomization.yaml").is_file())
+
+
+# KubeRay's readiness probe for RayService workers on Ray versions with exec probes
+# (ray-operator/controllers/ray/common/pod.go initLivenessAndReadinessProbe, utils.BaseWgetHealthCommand,
+# KubeRay at the CRDs' commit): it runs in the Ray container, so the image needs bash and wget.
+KUBERAY_WORKER_PROBE = ("wget --tries 1 -T 2 -q -O- http://localhost:52365/api/local_raylet_healthz | grep success"
+                        " && wget --tries 1 -T 10 -q -O- http://localhost:8000/-/healthz | grep success")
+DEPRECATED_RAYSERVICE_FIELDS = ("serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold")
+
+
+def stage_chain(dockerfile: Path, target: str) -> list[str]:
+    """The Dockerfile stages `target` is built from, itself first (FROM <stage> AS <name>)."""
+    parents = dict((name, base) for base, name in re.findall(r"^FROM\s+(\S+)\s+AS\s+(\S+)", dockerfile.read_text(),
+                                                              re.M | re.I))
+    chain = [target]
+    while parents.get(chain[-1]) in parents:
+        chain.append(parents[chain[-1]])
+    return chain
+
+
+def stage_text(dockerfile: Path, stage: str) -> str:
+    parts = re.split(r"^(?=FROM\s)", dockerfile.read_text(), flags=re.M)
+    return next((p for p in parts if re.match(rf"FROM\s+\S+\s+AS\s+{re.escape(stage)}\s*$", p.splitlines()[0], re.I)), "")
+
+
+def dockerfile_errors(dockerfile: Path) -> list[str]:
+    """What the cluster needs of the images that no schema sees: the probe tools in every serve image."""
+    errs = []
+    for target in ("serve", "serve-cpu"):
+        text = "".join(stage_text(dockerfile, s) for s in stage_chain(dockerfile, target))
+        if not re.search(r"apt-get install[^&]*\bwget\b", text):
+            errs.append(f"Dockerfile target {target}: no stage it is built from installs wget, which KubeRay's "
+                        "worker readiness probe runs")
+    return errs
+
+
 # ------------------------------------------------------------------------------ schemas
 def _strict(schema: Any) -> Any:
     """Close every object schema that lists properties (unknown fields become errors)."""
@@ -127,14 +166,21 @@ def semantic_errors(docs: list[dict[str, Any]], dockerfile: Path) -> list[str]:
             psc = spec.get("securityContext", {})
             if not psc.get("runAsNonRoot") or psc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
                 errs.append(f"{where}: pod is not restricted (runAsNonRoot + seccompProfile RuntimeDefault)")
-            for c in spec.get("containers", []):
+            for c in spec.get("containers", []) + spec.get("initContainers", []):
                 sc = c.get("securityContext", {})
                 if sc.get("allowPrivilegeEscalation") is not False or "ALL" not in sc.get("capabilities", {}).get("drop", []):
                     errs.append(f"{where}/{c['name']}: container must drop ALL capabilities and disallow escalation")
                 image = c["image"].rsplit("/", 1)[-1].split(":")[0]
                 if IMAGE_TARGETS.get(image) not in targets:
                     errs.append(f"{where}/{c['name']}: image {c['image']} matches no Dockerfile target {sorted(targets)}")
+        if d["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in d["spec"].get("accessModes", []) \
+                and not d["spec"].get("storageClassName"):
+            errs.append(f"PVC {d['metadata']['name']}: ReadWriteMany with no storageClassName (the clouds' default "
+                        "classes are ReadWriteOnce: it would stay Pending)")
+        if d["kind"] == "Job":
+            errs.append(f"Job {d['metadata']['name']}: Jobs belong in k8s/jobs/ (run when asked), not in an overlay")
         if d["kind"] == "RayService":
+            errs += rayservice_errors(d, docs)
             rc = d["spec"]["rayClusterConfig"]
             sc = yaml.safe_load(d["spec"]["serveConfigV2"])
             apps = sc.get("applications", [])
@@ -158,13 +204,36 @@ def semantic_errors(docs: list[dict[str, Any]], dockerfile: Path) -> list[str]:
     return errs
 
 
+def rayservice_errors(rs: dict[str, Any], docs: list[dict[str, Any]]) -> list[str]:
+    """What a RayService needs to come up and stay closed that its CRD schema does not say."""
+    errs = []
+    spec, rc = rs["spec"], rs["spec"]["rayClusterConfig"]
+    head = rc["headGroupSpec"]["template"]["spec"]
+    if rc.get("enableInTreeAutoscaling"):
+        sa = next((d for d in docs if d["kind"] == "ServiceAccount"
+                   and d["metadata"]["name"] == head.get("serviceAccountName")), {})
+        mounted = head.get("automountServiceAccountToken", sa.get("automountServiceAccountToken", True))
+        if not mounted:
+            errs.append("RayService head: in-tree autoscaling is on but the head pod gets no service-account token "
+                        "(the autoscaler container cannot reach the API server): set automountServiceAccountToken")
+    if rc.get("authOptions", {}).get("mode") != "token":
+        errs.append("RayService: rayClusterConfig.authOptions.mode is not token (Ray's GCS, dashboard Jobs API and "
+                    "client port would take anyone who reaches them)")
+    if spec.get("upgradeStrategy", {}).get("type") == "None":
+        errs.append("RayService: upgradeStrategy None ignores image and cluster changes")
+    for field in DEPRECATED_RAYSERVICE_FIELDS:
+        if field in spec:
+            errs.append(f"RayService: {field} is deprecated and has no effect")
+    return errs
+
+
 def check_overlay(overlay: Path, crd_dir: Path | None) -> list[str]:
     docs = render(overlay)
     crds = crd_schemas(crd_dir) if crd_dir and crd_dir.is_dir() else None
     errs = []
     for d in docs:
         errs += schema_errors(d, crds)
-    return errs + semantic_errors(docs, ROOT / "Dockerfile")
+    return errs + semantic_errors(docs, ROOT / "Dockerfile") + dockerfile_errors(ROOT / "Dockerfile")
 
 
 if __name__ == "__main__":

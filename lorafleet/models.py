@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,6 +99,63 @@ def resolve_model(name: str) -> str:
     if name.startswith((".", "/", "~")):
         raise UserError(f"model path {name} does not exist")
     return name  # an HF hub id: transformers/vLLM fetch it (needs network)
+
+
+def fetch_model(source: str, out: str | Path, log=print) -> Path:
+    """Copy a model to `out`, all at once (lorafleet.atomic): `hf://org/name` or `org/name` from the
+    Hugging Face hub (HF_TOKEN for gated models), `s3://bucket/prefix` or any fsspec URL, or a
+    local directory. A model already at `out` (config.json present) is left as it is, so the
+    model-loader Job can run again safely. Returns `out`. Raises UserError when the source has
+    no model (no config.json) or cannot be read.
+    """
+    from lorafleet.atomic import atomic_dir
+
+    out = Path(out)
+    if (out / "config.json").is_file():
+        log(f"{out} already holds a model: nothing to fetch")
+        return out
+    with atomic_dir(out) as tmp:
+        if "://" in source and not source.startswith("hf://"):
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(source)
+            try:
+                fs.get(root.rstrip("/") + "/", str(tmp), recursive=True)
+            except (FileNotFoundError, OSError) as e:
+                raise UserError(f"cannot read the model at {source}: {e}") from None
+        elif Path(source).is_dir():
+            shutil.copytree(source, tmp, dirs_exist_ok=True)
+        else:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(source.removeprefix("hf://"), local_dir=tmp)
+        if not (tmp / "config.json").is_file():
+            raise UserError(f"{source} has no config.json: it is not a model directory; nothing was written to {out}")
+        log(f"model from {source} written to {out}")
+    return out
+
+
+def wait_for_model(name: str, timeout_s: float, log=print, poll_s: float = 10.0) -> None:
+    """Wait until a local model directory has its config.json, for up to `timeout_s` seconds.
+
+    In a cluster the serving app may start before the model-loader Job has filled the models
+    volume; waiting here keeps the deployment pending instead of failing it (KubeRay would not
+    submit an unchanged config again). A hub id or the embedded base returns at once; so does a
+    timeout, after which resolve_model's own error names what is missing.
+    """
+    if not name.startswith("/") or timeout_s <= 0:
+        return
+    import time
+
+    marker = Path(name) / "config.json"
+    deadline = time.monotonic() + timeout_s
+    said = 0.0
+    while not marker.is_file() and time.monotonic() < deadline:
+        if time.monotonic() - said >= 60:
+            log(f"waiting for the model at {name} (no config.json yet; the model-loader Job writes it), "
+                f"up to {deadline - time.monotonic():.0f}s more")
+            said = time.monotonic()
+        time.sleep(poll_s)
 
 
 # --------------------------------------------------------------------------- fingerprinting

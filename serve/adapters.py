@@ -56,17 +56,23 @@ def peft_lora_alpha_default() -> float:
     return LoraConfig.__dataclass_fields__["lora_alpha"].default
 
 
-def snapshot_adapter(ref: AdapterRef, dest: Path) -> Path:
+def snapshot_adapter(ref: AdapterRef, dest: Path, max_bytes: int = 2 * 1024**3) -> Path:
     """Copy the adapter's top-level files to `dest` (copies, not links: an in-place overwrite of
     the source must not change bytes a running request uses), with its config normalised for
-    vLLM (lora_alpha written out as peft reads it). Returns `dest`."""
+    vLLM (lora_alpha written out as peft reads it). A remote adapter (s3://, hf://) is fetched
+    from its source by this replica. Returns `dest`."""
+    from serve.registry import download_adapter, is_remote
+
     root = dest.parent
     tmp = root / f".{dest.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for f in Path(ref.path).iterdir():
-        if f.is_file():
-            shutil.copy2(f, tmp / f.name)
+    if is_remote(ref.uri):
+        download_adapter(ref.uri, tmp, max_bytes)
+    else:
+        for f in Path(ref.path).iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
     cfg_file = tmp / "adapter_config.json"
     cfg = json.loads(cfg_file.read_text())
     if cfg.get("lora_alpha") is None:
@@ -147,7 +153,10 @@ class AdapterCache:
 
         int_id = next(self._ids)
         engine_name = f"{ref.name}@{ref.version}.{int_id}"
-        snapshot = await asyncio.to_thread(snapshot_adapter, ref, self.root / engine_name)
+        try:
+            snapshot = await asyncio.to_thread(snapshot_adapter, ref, self.root / engine_name)
+        except OSError as e:  # the source went away between the front's check and this load
+            raise AdapterLoadError(f"adapter {ref.name} could not be read from {ref.uri or ref.path}: {e}") from e
         lora = LoRARequest(lora_name=engine_name, lora_int_id=int_id, lora_path=str(snapshot))
         try:
             ok = await self.engine.add_lora(lora)

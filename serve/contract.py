@@ -31,13 +31,15 @@ class AdapterRef:
 
     `name` is what clients send as `model`; `version` identifies the bytes (a hash of the
     config and weights), so an adapter replaced in place is a new identity to the engine.
-    `path` is a local directory the replica can read; `template` is the Jinja chat template
-    recorded in its manifest (None: the base's).
+    `uri` is its source; a replica fetches a remote one (s3://, hf://) itself, and reads a local
+    one (a shared volume) at `path`. `template` is the Jinja chat template recorded in its
+    manifest (None: the base's).
     """
     name: str
     path: str
     version: str
     template: str | None = None
+    uri: str = ""
 
 
 @dataclass

@@ -39,17 +39,21 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def engine_plan(cfg: ServeConfig, model_path: str) -> dict[str, Any]:
-    """Resolve what the config leaves open: LoRA on/off, max rank and adapters per batch."""
-    from serve.registry import AdapterRegistry
+    """Resolve what the config leaves open: LoRA on/off, max rank and adapters per batch.
 
-    reg = AdapterRegistry(cfg.adapters, cache_dir=Path("/tmp"), allow_pickle=True)
-    reg.scan()
+    Set `engine.max_lora_rank` (and `max_loras`) in a deployment whose adapters arrive later: unset,
+    the rank is the largest found in the sources at start, at least 16 (vLLM's default), so a
+    local `lorafleet serve` takes the adapters it is given.
+    """
     enable_lora = cfg.engine.enable_lora if cfg.engine.enable_lora is not None else bool(cfg.adapters)
-    # At least 16 (vLLM's own default), so that adapters loaded later through the admin API are
-    # not refused because the ones present at start were smaller. A fleet of rank-8 adapters
-    # decodes faster with engine.max_lora_rank: 8 (vLLM pads every adapter to the maximum).
-    rank = cfg.engine.max_lora_rank or next((r for r in VLLM_LORA_RANKS if r >= max(reg.max_rank(), 16)), 512)
-    max_loras = cfg.engine.max_loras or max(1, min(8, len(reg.adapters) or 1, cfg.max_resident_adapters))
+    rank = cfg.engine.max_lora_rank
+    if rank is None:
+        from serve.registry import AdapterRegistry
+
+        reg = AdapterRegistry(cfg.adapters, cache_dir=Path("/tmp"), allow_pickle=True)
+        reg.scan()
+        rank = next((r for r in VLLM_LORA_RANKS if r >= max(reg.max_rank(), 16)), 512)
+    max_loras = cfg.engine.max_loras or max(1, min(8, cfg.max_resident_adapters))
     return {"enable_lora": enable_lora, "max_lora_rank": rank, "max_loras": max_loras,
             "max_cpu_loras": cfg.engine.max_cpu_loras or cfg.max_resident_adapters}
 

@@ -16,10 +16,11 @@ from lorafleet.config import ServeConfig
 
 
 def build(args: dict[str, Any]):
-    from lorafleet.models import resolve_model
+    from lorafleet.models import resolve_model, wait_for_model
     from serve.deployment import build_app
 
     cfg = ServeConfig.model_validate(args)
+    wait_for_model(cfg.model, cfg.model_wait_s)
     if cfg.http_listener == "replica":
         from lorafleet.errors import UserError
 

@@ -60,6 +60,30 @@ def content_version(directory: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def download_adapter(uri: str, dest: Path, max_bytes: int) -> None:
+    """Copy a remote adapter's files into the directory `dest`: `hf://org/name` from the hub,
+    anything else through fsspec (`s3://...`, with AWS_ENDPOINT_URL for S3-compatible stores).
+    The front calls it to gate an adapter, and each engine replica to serve it: a replica on
+    another node reads the source itself, never a path on the front's disk."""
+    if uri.startswith("hf://"):
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(uri[5:], local_dir=dest, allow_patterns=["adapter_config.json", "*.safetensors", "lorafleet.json"])
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    for f in fs.ls(root, detail=True):
+        if f["type"] == "file":
+            if f.get("size", 0) > max_bytes:
+                raise UserError(f"{f['name']} is larger than limits.max_adapter_bytes")
+            fs.get(f["name"], str(dest / f["name"].rsplit("/", 1)[-1]))
+
+
+def is_remote(uri: str) -> bool:
+    return _is_remote(uri)
+
+
 def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -250,20 +274,7 @@ class AdapterRegistry:
             return dest
         tmp = self.cache_dir / f".{dest.name}.tmp-{os.getpid()}"
         tmp.mkdir(parents=True, exist_ok=True)
-        if a.uri.startswith("hf://"):
-            from huggingface_hub import snapshot_download
-
-            snapshot_download(a.uri[5:], local_dir=tmp,
-                              allow_patterns=["adapter_config.json", "*.safetensors", "lorafleet.json"])
-        else:
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(a.uri)
-            for f in fs.ls(root, detail=True):
-                if f["type"] == "file":
-                    if f.get("size", 0) > self.max_adapter_bytes:
-                        raise UserError(f"{f['name']} is larger than limits.max_adapter_bytes")
-                    fs.get(f["name"], str(tmp / f["name"].rsplit("/", 1)[-1]))
+        download_adapter(a.uri, tmp, self.max_adapter_bytes)
         swap_in(tmp, dest)  # a refresh replaces the cached copy
         return dest
 

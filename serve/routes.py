@@ -90,7 +90,7 @@ class Frontend:
         if model in self.registry.engine_refused:  # not again: each try could evict a good adapter
             raise adapter_refused(self.registry.rejected.get(model, f"the engine refused adapter {model}"))
         await asyncio.to_thread(self.registry.prepare, a)
-        return AdapterRef(a.name, str(a.local_path), a.version, a.template)
+        return AdapterRef(a.name, str(a.local_path), a.version, a.template, a.uri)
 
 
 # --------------------------------------------------------------------------- the OpenAI routes

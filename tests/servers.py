@@ -11,7 +11,8 @@ from pathlib import Path
 from lorafleet.net import free_port, stop_server, wait_until_serving
 
 ENGINE_FLAGS = ["--set", "engine.dtype=float32", "--set", "engine.max_model_len=256",
-                "--set", "engine.cpu_kvcache_space_gb=0.5", "--set", "engine.max_lora_rank=16"]
+                "--set", "engine.cpu_kvcache_space_gb=0.5", "--set", "engine.max_lora_rank=16",
+                "--set", "engine.max_loras=2"]
 # Tool calling and structured outputs as a ChatML base wants them (the tiny model's template is
 # ChatML); compact JSON, so a tiny random model can finish a schema.
 TOOL_FLAGS = ["--set", "enable_auto_tool_choice=true", "--set", "tool_call_parser=hermes",

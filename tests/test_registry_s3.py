@@ -74,3 +74,21 @@ def test_s3_source_lists_downloads_and_gates(s3, tiny_base, tmp_path):
     small.scan()
     with pytest.raises(OpenAIError, match="rank 16"):
         small.prepare(small.get("beta"))
+
+
+def test_a_replica_fetches_an_s3_adapter_itself(s3, tmp_path):
+    """An engine replica on another node has no access to the front's cache: given the adapter's
+    S3 source, it fetches the files into its own directory and serves from there."""
+    import asyncio
+
+    from serve.adapters import AdapterCache
+    from serve.contract import AdapterRef
+    from test_serve_adapters import FakeEngine
+
+    cache = AdapterCache(FakeEngine(), tmp_path / "replica-own-cache", max_resident=2)
+    ref = AdapterRef("alpha", str(tmp_path / "front-cache-on-another-node" / "alpha"), "v1",
+                     uri="s3://adapters/team/alpha")
+    lora, loaded, _ = asyncio.run(cache.acquire(ref))
+    assert loaded and lora.lora_path.startswith(str(tmp_path / "replica-own-cache"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in
+                                                                    __import__("pathlib").Path(lora.lora_path).iterdir()}
