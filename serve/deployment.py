@@ -2,21 +2,22 @@
 
 split (several replicas):
 
-    client ──HTTP──▶ Ingress (FastAPI: auth, limits, registry, templates)
-                        │  handle.options(multiplexed_model_id=<adapter>)
+    client ──HTTP──▶ Ingress (serve/routes.py: keys, limits, registry, /v1/models, admin)
+                        │  handle.options(multiplexed_model_id=<adapter>).handle(ReplicaRequest)
                         ▼
-                     LLMServer replicas (vLLM AsyncLLM + resident adapters), autoscaled
+                     LLMServer replicas (serve/openai_serving.py: vLLM's serving classes over
+                     AsyncLLM, resident adapters), autoscaled
 
 The ingress names the adapter as the request's multiplexed model id, so Ray Serve routes it
 to a replica that already holds that adapter when there is one (no reload, no swap).
 Requests for different adapters on one replica are batched together by vLLM.
 
-fused (one replica, the default when max_replicas is 1): the same FastAPI app and the engine
-in one replica. With nothing to route, the ingress hop only cost CPU: every streamed chunk
-crossed one more process boundary. Where `lorafleet serve` runs its own Ray, the fused replica
-also takes the HTTP connections itself (serve/listener.py), so Ray Serve's proxy is left out too:
+fused (one replica, the default when max_replicas is 1): the front and the engine in one
+replica. With nothing to route, the ingress hop only cost CPU: every streamed chunk crossed one
+more process boundary. Where `lorafleet serve` runs its own Ray, the fused replica also takes
+the HTTP connections itself (serve/listener.py), so Ray Serve's proxy is left out too:
 
-    client ──HTTP──▶ LLMServer replica (FastAPI + vLLM AsyncLLM)
+    client ──HTTP──▶ LLMServer replica (front + vLLM's serving over AsyncLLM)
 """
 
 from __future__ import annotations
@@ -131,9 +132,9 @@ def _log_to_stderr() -> None:
         lf.setLevel(logging.INFO)
 
 
-# What a replica builds (the engine's watch; in the fused one the FastAPI factory's server and
-# front end), for the deployment class's own methods (health check, drain, teardown), which have
-# no other way to reach it. One replica per process.
+# What a replica builds (its OpenAIReplica and the engine's watch; in the fused one also the
+# front and its listener), for the deployment class's own methods (health check, drain,
+# teardown), which have no other way to reach it. One replica per process.
 _REPLICA: dict[str, Any] = {}
 
 

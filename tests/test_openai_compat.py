@@ -309,9 +309,8 @@ MALFORMED = [
 @pytest.mark.parametrize("route,body,_old,_word", MALFORMED, ids=[f"{i:02d}" for i in range(len(MALFORMED))])
 def test_malformed_request_like_vllm(servers, route, body, _old, _word):
     ours, theirs = send(servers["lorafleet"], route, body), send(servers["vllm"], route, body)
-    assert ours[0] == theirs[0], (ours, theirs)
-    if ours[0] >= 400:
-        assert set(ours[1][0]["error"]) == set(theirs[1][0]["error"]) == {"message", "type", "param", "code"}
+    assert ours[0] == theirs[0] < 500, (ours, theirs)
+    assert [shape(o) for o in ours[1]] == [shape(o) for o in theirs[1]], (ours, theirs)
 
 
 def test_server_stays_healthy_after_the_catalogue(servers):
