@@ -21,7 +21,8 @@ from serve.contract import ReplicaRequest, Start
 _DONE = object()
 
 
-def _scope(req: ReplicaRequest) -> dict[str, Any]:
+def asgi_scope(req: ReplicaRequest) -> dict[str, Any]:
+    """The ASGI HTTP scope of `req`, as a server would give it to an app."""
     path, _, query = req.path.partition("?")
     headers = [(k, v) for k, v in req.headers if k.lower() not in (b"content-length", b"content-type")]
     headers += [(b"content-type", b"application/json"), (b"content-length", str(len(req.body)).encode())]
@@ -52,7 +53,7 @@ async def call_app(app: Callable, req: ReplicaRequest,
 
     async def run():
         try:
-            await app(_scope(req), receive, send)
+            await app(asgi_scope(req), receive, send)
         finally:
             queue.put_nowait(_DONE)
 

@@ -91,6 +91,9 @@ class LocalBackend:
     def handle(self, req):
         return (self.replica or _REPLICA["replica"]).handle(req)
 
+    async def serve_asgi(self, req, receive, send, on_start):
+        return await (self.replica or _REPLICA["replica"]).serve_asgi(req, receive, send, on_start)
+
     async def unload(self, name):
         await (self.replica or _REPLICA["replica"]).unload(name)
 

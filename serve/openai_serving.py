@@ -19,6 +19,7 @@ semantics and error shapes. lorafleet adds only what vLLM has no notion of, per 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
 import logging
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from serve.adapters import AdapterCache
-from serve.asgi import call_app
+from serve.asgi import asgi_scope, call_app
 from serve.contract import TEMPLATED_ROUTES, End, ReplicaRequest, Start
 
 log = logging.getLogger("lorafleet.serve")
@@ -136,6 +137,43 @@ class OpenAIReplica:
 
     # ------------------------------------------------------------------------------ serving
     async def handle(self, req: ReplicaRequest) -> AsyncIterator[Start | bytes | End]:
+        """Answer `req` as events (for a front in another process: the split topology)."""
+        async with self._serving(req) as (app, scope, loaded, evicted):
+            context = contextvars.copy_context()
+            context.run(_scope.set, scope)
+            async for item in call_app(app, req, context):
+                if isinstance(item, Start):
+                    item.loaded, item.evicted = loaded, evicted
+                yield item
+            yield End(scope.prompt_tokens, scope.completion_tokens)
+
+    async def serve_asgi(self, req: ReplicaRequest, receive, send, on_start) -> End:
+        """Answer `req` straight onto the client's connection (a front in this process: the fused
+        topology), with no event hop per streamed chunk. `receive` is the client's (vLLM's routes
+        listen on it for a disconnect); `on_start(loaded, evicted)` is called once the adapter is
+        resident. Returns the token counts."""
+        async with self._serving(req) as (app, scope, loaded, evicted):
+            on_start(loaded, evicted)
+            body_given = False
+
+            async def body_then_client():
+                nonlocal body_given
+                if not body_given:
+                    body_given = True
+                    return {"type": "http.request", "body": req.body, "more_body": False}
+                return await receive()
+
+            token = _scope.set(scope)
+            try:
+                await app(asgi_scope(req), body_then_client, send)
+            finally:
+                _scope.reset(token)
+            return End(scope.prompt_tokens, scope.completion_tokens)
+
+    @contextlib.asynccontextmanager
+    async def _serving(self, req: ReplicaRequest):
+        """The adapter version resident and in use for the request's lifetime; yields (vLLM's
+        app for its template, its RequestScope, loaded now, names evicted)."""
         if req.unloaded:
             await self.adapters.forget(req.unloaded)
         lora, loaded, evicted = None, False, []
@@ -145,13 +183,7 @@ class OpenAIReplica:
             template = req.adapter.template if req.adapter is not None else None
             scope = RequestScope(req.adapter.name if req.adapter else None, lora,
                                  self._end_of_turn(template) if req.path in TEMPLATED_ROUTES else [])
-            context = contextvars.copy_context()
-            context.run(_scope.set, scope)
-            async for item in call_app(self._app(template), req, context):
-                if isinstance(item, Start):
-                    item.loaded, item.evicted = loaded, evicted
-                yield item
-            yield End(scope.prompt_tokens, scope.completion_tokens)
+            yield self._app(template), scope, loaded, evicted
         finally:
             if lora is not None:
                 await self.adapters.release(lora)

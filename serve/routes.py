@@ -40,7 +40,9 @@ PASSED_HEADERS = {b"x-request-id", b"traceparent", b"tracestate"}
 
 
 class Backend(Protocol):
-    """Reaches the engine replicas."""
+    """Reaches the engine replicas. A backend whose replica is in this process may also offer
+    `serve_asgi(req, receive, send, on_start) -> End` (OpenAIReplica.serve_asgi), which the front
+    then uses instead of relaying events."""
 
     def handle(self, req: ReplicaRequest) -> AsyncIterator[Start | bytes | End]: ...
 
@@ -142,6 +144,8 @@ class OpenAIRoute:
             body = await read_body(receive, fe.limits.max_body_bytes, (headers.get(b"content-length") or b"").decode())
             model = requested_model(body) or fe.served_name
             adapter = await fe.resolve(model)
+            if adapter is None and model != fe.served_name:
+                model = "unknown"  # vLLM answers it (404); a metric label per made-up name would grow without end
             if fe.per_key_in_flight[key] >= fe.limits.max_concurrent_per_key:
                 raise OpenAIError(429, f"too many concurrent requests for this key (limit "
                                        f"{fe.limits.max_concurrent_per_key}); retry shortly", headers={"Retry-After": "1"})
@@ -154,12 +158,49 @@ class OpenAIRoute:
         fe.per_key_in_flight[key] += 1
         m.in_flight.inc()
         try:
-            status = await self._relay(req, model, scope, receive, send, t0)
+            if hasattr(fe.backend, "serve_asgi"):  # the replica is in this process: straight onto the socket
+                status = await self._direct(req, model, scope, receive, send, t0)
+            else:
+                status = await self._relay(req, model, scope, receive, send, t0)
         finally:
             fe.per_key_in_flight[key] -= 1
             m.in_flight.dec()
         m.requests.labels(path, model, str(status)).inc()
         m.latency.labels(path).observe(time.perf_counter() - t0)
+
+    async def _direct(self, req: ReplicaRequest, model: str, scope, receive, send, t0: float) -> int:
+        """Let the replica in this process answer on the client's connection; returns the status."""
+        m = self.fe.metrics
+        seen = {"status": 500, "started": False, "streamed": False, "first": True}
+
+        def on_start(loaded: bool, evicted: list[str]) -> None:
+            if loaded:
+                m.adapter_loads.labels(model).inc()
+            for name in evicted:
+                m.adapter_evictions.labels(name).inc()
+
+        async def observed_send(message):
+            if message["type"] == "http.response.start":
+                seen.update(status=message["status"], started=True, streamed=any(
+                    k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                    for k, v in message.get("headers", [])))
+            elif seen["first"] and seen["streamed"] and message.get("body"):
+                m.ttft.labels(model).observe(time.perf_counter() - t0)
+                seen["first"] = False
+            await send(message)
+
+        try:
+            end = await self.fe.backend.serve_asgi(req, receive, observed_send, on_start)
+        except Exception as e:
+            if seen["started"]:  # vLLM's handlers answer their own errors; this is past them
+                log.error("request to %s failed mid-answer: %r", model, e)
+                return 500
+            err = self._failed(req, e)
+            await err.response()(scope, receive, send)
+            return err.status
+        m.prompt_tokens.labels(model).inc(end.prompt_tokens)
+        m.completion_tokens.labels(model).inc(end.completion_tokens)
+        return seen["status"]
 
     async def _relay(self, req: ReplicaRequest, model: str, scope, receive, send, t0: float) -> int:
         """Send the replica's answer to the client; returns the status it had."""

@@ -149,12 +149,13 @@ def test_lora_limits_and_model_wait_come_from_the_config(rendered):
     from lorafleet.config import ServeConfig
     from serve.deployment import engine_plan
 
-    rs = next(d for d in rendered["gpu"] if d["kind"] == "RayService")
-    args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
-    cfg = ServeConfig.model_validate(args)
-    plan = engine_plan(cfg, cfg.model)  # the adapters volume is empty here, as at a first start
-    assert plan["enable_lora"] and plan["max_lora_rank"] == 64 and plan["max_loras"] == 4
-    assert cfg.model_wait_s >= 3600
+    for overlay in rendered:
+        rs = next(d for d in rendered[overlay] if d["kind"] == "RayService")
+        args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+        cfg = ServeConfig.model_validate(args)
+        plan = engine_plan(cfg, cfg.model)  # the adapters volume is empty here, as at a first start
+        assert plan["enable_lora"] and plan["max_lora_rank"] == 64 and plan["max_loras"] == 4, overlay
+        assert cfg.model_wait_s >= 3600, overlay
 
 
 def test_the_cuda_base_matches_what_vllms_wheel_installs():

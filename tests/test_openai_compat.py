@@ -346,3 +346,26 @@ def test_auth_on_every_route(servers):
         assert r.status_code == 401, (path, r.text)
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(servers["lorafleet"] + "/health").status_code == 200
+
+
+def test_the_official_client_for_the_base_and_an_adapter(server, banned):
+    """What agent frameworks send, through the `openai` package itself, on both servers."""
+    _, url = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)
+    for model in ("tiny", "alpha"):
+        r = client.chat.completions.create(model=model, messages=MSGS, max_tokens=120, temperature=0,
+                                           tools=[WEATHER], tool_choice="required", parallel_tool_calls=False,
+                                           logit_bias=banned["ws"])
+        call = r.choices[0].message.tool_calls[0]
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+        assert r.model == model
+        r = client.chat.completions.create(model=model, messages=MSGS, max_tokens=40, temperature=0,
+                                           logit_bias=banned["ws"], response_format={
+                                               "type": "json_schema",
+                                               "json_schema": {"name": "answer", "strict": True, "schema": SCHEMA}})
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+        assert client.chat.completions.create(model=model, messages=MSGS, max_tokens=4, tools=[WEATHER],
+                                              tool_choice="auto").choices
+        assert client.responses.create(model=model, input="Hello", max_output_tokens=4).model == model
+        events = list(client.responses.create(model=model, input="Hello", max_output_tokens=4, stream=True))
+        assert events[-1].type == "response.completed"

@@ -211,3 +211,29 @@ def test_unload_while_streaming_then_delete_the_directory(server, trained, tiny_
 
 async def _resident(server):
     return list(server.replica.adapters.resident) or ["-"]
+
+
+def test_a_client_that_hangs_up_is_aborted_in_the_engine(server):
+    """The fused path hands the client's connection to vLLM's routes, which abort the request
+    when it goes away: the engine generates far fewer tokens than asked, and runs nothing after."""
+    import re
+    import time
+
+    def generated():
+        text = httpx.get(f"{server.url}/metrics").text
+        return float(re.search(r'lorafleet_completion_tokens_total\{model="tiny"\} (\S+)', text).group(1)) \
+            if 'lorafleet_completion_tokens_total{model="tiny"}' in text else 0.0
+
+    body = {"model": "tiny", "prompt": "The Kestrel K9", "max_tokens": 240, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    before = generated()
+    for _ in range(4):
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
+                          headers={"Authorization": "Bearer sk-user"}) as r:
+            next(r.iter_raw())
+    unfinished = lambda: server.engine.output_processor.get_num_unfinished_requests()  # noqa: E731
+    deadline = time.monotonic() + 20
+    while unfinished() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # the front counts a request's tokens when it ends
+    assert unfinished() == 0 and generated() - before < 4 * 240 / 2

@@ -76,19 +76,32 @@ def test_s3_source_lists_downloads_and_gates(s3, tiny_base, tmp_path):
         small.prepare(small.get("beta"))
 
 
-def test_a_replica_fetches_an_s3_adapter_itself(s3, tmp_path):
+REPLICA = """
+import asyncio, json, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from serve.adapters import AdapterCache
+from serve.contract import AdapterRef
+from test_serve_adapters import FakeEngine
+cache = AdapterCache(FakeEngine(), sys.argv[2], max_resident=2)
+ref = AdapterRef("alpha", sys.argv[3], "v1", uri="s3://adapters/team/alpha")
+lora, loaded, _ = asyncio.run(cache.acquire(ref))
+print("RESULT" + json.dumps({"loaded": loaded, "path": lora.lora_path}))
+"""
+
+
+def test_a_replica_fetches_an_s3_adapter_itself(s3, tmp_path, root):
     """An engine replica on another node has no access to the front's cache: given the adapter's
-    S3 source, it fetches the files into its own directory and serves from there."""
-    import asyncio
+    S3 source, the replica's process fetches the files into its own directory and loads them."""
+    import json
+    from pathlib import Path
 
-    from serve.adapters import AdapterCache
-    from serve.contract import AdapterRef
-    from test_serve_adapters import FakeEngine
-
-    cache = AdapterCache(FakeEngine(), tmp_path / "replica-own-cache", max_resident=2)
-    ref = AdapterRef("alpha", str(tmp_path / "front-cache-on-another-node" / "alpha"), "v1",
-                     uri="s3://adapters/team/alpha")
-    lora, loaded, _ = asyncio.run(cache.acquire(ref))
-    assert loaded and lora.lora_path.startswith(str(tmp_path / "replica-own-cache"))
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in
-                                                                    __import__("pathlib").Path(lora.lora_path).iterdir()}
+    own = tmp_path / "replica-own-cache"
+    front_path = tmp_path / "front-cache-on-another-node" / "alpha"  # never created here
+    out = subprocess.run([sys.executable, "-c", REPLICA, str(root), str(own), str(front_path)],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
+    assert line, out.stderr[-2000:]
+    result = json.loads(line[0][6:])
+    assert result["loaded"] and result["path"].startswith(str(own))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in Path(result["path"]).iterdir()}
+    assert not front_path.exists()

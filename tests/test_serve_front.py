@@ -53,13 +53,38 @@ class FakeReplica:
     async def unload(self, name):
         self.unloaded.append(name)
 
+    async def serve_asgi(self, req, receive, send, on_start):
+        """The in-process path (fused topology): the answer goes straight to the client's send."""
+        events = self.handle(req)
+        start = await events.__anext__()
+        on_start(start.loaded, start.evicted)
+        await send({"type": "http.response.start", "status": start.status, "headers": start.headers})
+        end = End()
+        async for ev in events:
+            if isinstance(ev, End):
+                end = ev
+            else:
+                await send({"type": "http.response.body", "body": ev, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return end
+
     async def health(self):
         if self.dead:
             raise RuntimeError("engine process died")
 
 
-@pytest.fixture()
-def front(tiny_base, tiny_adapters, tmp_path):
+class RemoteReplica(FakeReplica):
+    """A replica reached over Ray (split topology): events only, no serve_asgi."""
+    serve_asgi = None
+
+    def __getattribute__(self, name):
+        if name == "serve_asgi":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+
+@pytest.fixture(params=["relayed", "in-process"])
+def front(request, tiny_base, tiny_adapters, tmp_path):
     from lorafleet.models import base_fingerprint, module_shapes
 
     src = tmp_path / "adapters"
@@ -68,7 +93,7 @@ def front(tiny_base, tiny_adapters, tmp_path):
                           base_fingerprint=base_fingerprint(str(tiny_base))["fingerprint"], max_lora_rank=16,
                           base_name="tiny")
     reg.scan()
-    replica = FakeReplica()
+    replica = RemoteReplica() if request.param == "relayed" else FakeReplica()
     fe = Frontend(served_name="tiny", registry=reg, backend=replica, max_model_len=128,
                   limits=LimitsSection(max_body_bytes=64 * 1024, max_concurrent_per_key=2),
                   api_keys=["sk-user"], admin_keys=["sk-admin"])
@@ -186,7 +211,12 @@ def test_a_dead_replica_is_a_retryable_503(front):
     async def broken(req):
         raise RuntimeError("actor died")
         yield  # noqa: an async generator
+
+    async def broken_direct(req, receive, send, on_start):
+        raise RuntimeError("engine died")
     front.replica.handle = broken
+    if hasattr(front.replica, "serve_asgi"):
+        front.replica.serve_asgi = broken_direct
     r = post(front, "/v1/chat/completions", {"model": "tiny"})
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
     front.replica.dead = True
@@ -257,7 +287,10 @@ def test_metrics_count_requests_tokens_and_loads(front):
 
 def test_a_client_that_hangs_up_cancels_the_request_in_the_replica(front):
     """Over a real socket: the front sees the disconnect and closes the replica's answer, which
-    is how the engine's request is aborted (streamed or not)."""
+    is how the engine's request is aborted (streamed or not). In process, vLLM's own routes watch
+    the client's connection (their with_cancellation and StreamingResponse)."""
+    if hasattr(front.replica, "serve_asgi"):
+        pytest.skip("in process, the disconnect reaches vLLM's routes directly (tests/test_openai_replica.py)")
     import threading
 
     import uvicorn
