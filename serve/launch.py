@@ -69,6 +69,10 @@ def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = T
             bind(*listen).close()
         except RuntimeError as e:
             raise UserError(str(e)) from None
+    from serve.auth import read_keys
+
+    read_keys("LORAFLEET_API_KEY", cfg.api_keys_file)  # a configured key file that cannot be read stops here
+    read_keys("LORAFLEET_ADMIN_KEY", cfg.admin_keys_file)
     os.environ.update(local_ray_environment(cfg.address))  # read by Ray's processes as they start
     import ray
     from ray import serve

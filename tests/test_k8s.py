@@ -208,7 +208,7 @@ def test_kuberay_probe_command_runs_in_the_serve_cpu_image(tmp_path):
     podman = shutil.which("podman")
     if not podman:
         pytest.skip("podman not installed (apt-get install podman runc)")
-    image = "localhost/lorafleet-serve-cpu:dev"
+    image = "localhost/lorafleet-serve-cpu:0.1.0"  # scripts/build-image-cpu.sh
     if subprocess.run([podman, "image", "exists", image]).returncode != 0:
         pytest.skip(f"{image} not built: make image-cpu")
     stub = ("import http.server, threading\n"

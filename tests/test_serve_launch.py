@@ -123,3 +123,18 @@ def test_tool_flags_like_vllms(monkeypatch):
     assert r.exit_code == 0, r.output
     cfg = seen["cfg"]
     assert (cfg.enable_auto_tool_choice, cfg.tool_call_parser, cfg.reasoning_parser) == (True, "hermes", "qwen3")
+
+
+def test_a_missing_key_file_stops_the_server_before_ray_starts(tmp_path):
+    from lorafleet.config import ServeConfig
+    from lorafleet.errors import UserError
+    from lorafleet.net import free_port
+    from serve.launch import launch
+
+    cfg = ServeConfig(port=free_port(), api_keys_file=str(tmp_path / "keys" / "api-keys"))
+    with pytest.raises(UserError, match=r"key file .*api-keys cannot be read"):
+        launch(cfg, log=lambda m: None)
+    (tmp_path / "admin").write_text("\n")
+    cfg = ServeConfig(port=free_port(), admin_keys_file=str(tmp_path / "admin"))
+    with pytest.raises(UserError, match="holds no key"):
+        launch(cfg, log=lambda m: None)
