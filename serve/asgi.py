@@ -32,21 +32,33 @@ def asgi_scope(req: ReplicaRequest) -> dict[str, Any]:
             "server": ("127.0.0.1", 0), "state": {}}
 
 
+def body_then(body: bytes, rest: Callable) -> Callable:
+    """An ASGI `receive` that gives the (already read) request body once, then what `rest`
+    gives: the client's own receive, or a disconnect when the answer's reader goes away."""
+    given = False
+
+    async def receive():
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await rest()
+
+    return receive
+
+
 async def call_app(app: Callable, req: ReplicaRequest,
                    context: contextvars.Context | None = None) -> AsyncIterator[Start | bytes]:
     """Yield Start, then body chunks (bytes) of `app`'s answer to `req`. The app runs in its own
     task, in `context` when given (how per-request state reaches code the app calls)."""
     queue: asyncio.Queue = asyncio.Queue()
     left = asyncio.Event()
-    body_given = False
 
-    async def receive():
-        nonlocal body_given
-        if not body_given:
-            body_given = True
-            return {"type": "http.request", "body": req.body, "more_body": False}
+    async def disconnect():
         await left.wait()
         return {"type": "http.disconnect"}
+
+    receive = body_then(req.body, disconnect)
 
     async def send(message):
         queue.put_nowait(message)

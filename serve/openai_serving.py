@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from serve.adapters import AdapterCache
-from serve.asgi import asgi_scope, call_app
+from serve.asgi import asgi_scope, body_then, call_app
 from serve.contract import TEMPLATED_ROUTES, End, ReplicaRequest, Start
 
 log = logging.getLogger("lorafleet.serve")
@@ -154,18 +154,9 @@ class OpenAIReplica:
         resident. Returns the token counts."""
         async with self._serving(req) as (app, scope, loaded, evicted):
             on_start(loaded, evicted)
-            body_given = False
-
-            async def body_then_client():
-                nonlocal body_given
-                if not body_given:
-                    body_given = True
-                    return {"type": "http.request", "body": req.body, "more_body": False}
-                return await receive()
-
             token = _scope.set(scope)
             try:
-                await app(asgi_scope(req), body_then_client, send)
+                await app(asgi_scope(req), body_then(req.body, receive), send)
             finally:
                 _scope.reset(token)
             return End(scope.prompt_tokens, scope.completion_tokens)
