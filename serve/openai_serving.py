@@ -106,8 +106,9 @@ class FleetEngineClient:
 class OpenAIReplica:
     """vLLM's OpenAI serving for one engine, with lorafleet's adapters and templates.
 
-    Build with `await OpenAIReplica.create(...)`; `handle(ReplicaRequest)` yields Start, body
-    chunks (bytes) and End.
+    Build with `await OpenAIReplica.create(...)`. A front in another process (split topology)
+    calls `handle(ReplicaRequest)`, which yields Start, body chunks (bytes) and End; a front in
+    this process (fused) calls `serve_asgi`, which answers on the client's connection itself.
     """
 
     def __init__(self, engine: Any, args: Any, base_state: Any, adapters: AdapterCache):
