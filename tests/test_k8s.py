@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -209,7 +210,8 @@ def test_kuberay_probe_command_runs_in_the_serve_cpu_image(tmp_path):
     if not podman:
         pytest.skip("podman not installed (apt-get install podman runc)")
     image = "localhost/lorafleet-serve-cpu:0.1.0"  # scripts/build-image-cpu.sh
-    if subprocess.run([podman, "image", "exists", image]).returncode != 0:
+    env = dict(os.environ, CONTAINERS_CONF=str(kc.ROOT / ".cache" / "image" / "containers.conf"))  # its podman settings
+    if subprocess.run([podman, "image", "exists", image], env=env).returncode != 0:
         pytest.skip(f"{image} not built: make image-cpu")
     stub = ("import http.server, threading\n"
             "class H(http.server.BaseHTTPRequestHandler):\n"
@@ -222,10 +224,10 @@ def test_kuberay_probe_command_runs_in_the_serve_cpu_image(tmp_path):
             "import time; time.sleep(1)\n")
     script = f"python -c \"{stub}\" & sleep 1; {kc.KUBERAY_WORKER_PROBE}"
     ok = subprocess.run([podman, "run", "--rm", "--network", "none", "--entrypoint", "bash", image, "-c", script],
-                        capture_output=True, text=True, timeout=120)
+                        capture_output=True, text=True, timeout=120, env=env)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     bad = subprocess.run([podman, "run", "--rm", "--network", "none", "--entrypoint", "bash", image, "-c",
-                          kc.KUBERAY_WORKER_PROBE], capture_output=True, text=True, timeout=120)
+                          kc.KUBERAY_WORKER_PROBE], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode != 0  # nothing listening: the probe fails, as it should
 
 
