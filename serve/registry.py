@@ -81,10 +81,6 @@ def download_adapter(uri: str, dest: Path, max_bytes: int) -> None:
 
 
 def is_remote(uri: str) -> bool:
-    return _is_remote(uri)
-
-
-def _is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
@@ -112,7 +108,7 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------------------------ scanning
     def local_roots(self) -> list[Path]:
-        return [Path(s.removeprefix("file://")).resolve() for s in self.sources if not _is_remote(s)]
+        return [Path(s.removeprefix("file://")).resolve() for s in self.sources if not is_remote(s)]
 
     def scan(self) -> dict[str, Adapter]:
         """(Re)list every source. Adapters found keep their cached state; vanished ones go."""
@@ -132,7 +128,7 @@ class AdapterRegistry:
         with self._lock:
             # keep adapters registered through the admin API that still exist
             for name, a in self.adapters.items():
-                if a.registered and name not in found and (_is_remote(a.uri) or Path(a.uri).exists()):
+                if a.registered and name not in found and (is_remote(a.uri) or Path(a.uri).exists()):
                     found[name] = a
             for name, a in found.items():
                 old = self.adapters.get(name)
@@ -145,7 +141,7 @@ class AdapterRegistry:
         if src.startswith("hf://"):
             repo = src[5:]
             return [(repo.rsplit("/", 1)[-1], src)]
-        if _is_remote(src):
+        if is_remote(src):
             import fsspec
 
             fs, root = fsspec.core.url_to_fs(src)
@@ -185,7 +181,7 @@ class AdapterRegistry:
         if not NAME_RE.match(name):
             raise OpenAIError(400, f"invalid adapter name {name!r}: use letters, digits, '.', '_' and '-'",
                               param="lora_name")
-        if not _is_remote(uri):
+        if not is_remote(uri):
             p = Path(uri.removeprefix("file://")).resolve()  # resolves symlinks: no escape through a link
             roots = self.local_roots()
             if not any(p == r or r in p.parents for r in roots):
@@ -266,7 +262,7 @@ class AdapterRegistry:
         check_against_base(info, self.base_shapes, self.base_fingerprint)
 
     def _materialize(self, a: Adapter, refresh: bool = False) -> Path:
-        if not _is_remote(a.uri):
+        if not is_remote(a.uri):
             return Path(a.uri)
         key = hashlib.sha256(a.uri.encode()).hexdigest()[:16]
         dest = self.cache_dir / f"{a.name}-{key}"
@@ -282,7 +278,7 @@ class AdapterRegistry:
         ranks = []
         for a in self.adapters.values():
             try:
-                if a.local_path is None and not _is_remote(a.uri):
+                if a.local_path is None and not is_remote(a.uri):
                     ranks.append(read_adapter(a.uri, allow_pickle=True, read_tensors=False).rank)
             except UserError:
                 pass
