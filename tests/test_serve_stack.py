@@ -344,7 +344,7 @@ def test_engine_process_ends_with_a_killed_replica(tiny_base, tmp_path, root):
         f"    cfg = ServeConfig(model={str(tiny_base)!r}, engine=dict(dtype='float32', max_model_len=256,"
         " cpu_kvcache_space_gb=0.5))\n"
         "    plan = dict(enable_lora=False, max_lora_rank=16, max_loras=1, max_cpu_loras=1)\n"
-        "    start_engine(engine_args(cfg, cfg.model, plan, on_cpu=True), None)\n"
+        "    engine = start_engine(engine_args(cfg, cfg.model, plan, on_cpu=True), None)  # kept: its GC shuts it down\n"
         "    print('READY', flush=True)\n"
         "    time.sleep(600)\n")
     log = tmp_path / "replica.log"
