@@ -174,16 +174,11 @@ class OpenAIRoute:
         seen = {"status": 500, "started": False, "streamed": False, "first": True}
 
         def on_start(loaded: bool, evicted: list[str]) -> None:
-            if loaded:
-                m.adapter_loads.labels(model).inc()
-            for name in evicted:
-                m.adapter_evictions.labels(name).inc()
+            self._count_adapter_work(model, loaded, evicted)
 
         async def observed_send(message):
             if message["type"] == "http.response.start":
-                seen.update(status=message["status"], started=True, streamed=any(
-                    k.lower() == b"content-type" and v.startswith(b"text/event-stream")
-                    for k, v in message.get("headers", [])))
+                seen.update(status=message["status"], started=True, streamed=_is_event_stream(message.get("headers", [])))
             elif seen["first"] and seen["streamed"] and message.get("body"):
                 m.ttft.labels(model).observe(time.perf_counter() - t0)
                 seen["first"] = False
@@ -198,8 +193,7 @@ class OpenAIRoute:
             err = self._failed(req, e)
             await err.response()(scope, receive, send)
             return err.status
-        m.prompt_tokens.labels(model).inc(end.prompt_tokens)
-        m.completion_tokens.labels(model).inc(end.completion_tokens)
+        self._count_tokens(model, end)
         return seen["status"]
 
     async def _relay(self, req: ReplicaRequest, model: str, scope, receive, send, t0: float) -> int:
@@ -214,19 +208,15 @@ class OpenAIRoute:
             err = self._failed(req, e)
             await err.response()(scope, receive, send)
             return err.status
-        if start.loaded:
-            m.adapter_loads.labels(model).inc()
-        for name in start.evicted:
-            m.adapter_evictions.labels(name).inc()
+        self._count_adapter_work(model, start.loaded, start.evicted)
         await send({"type": "http.response.start", "status": start.status, "headers": start.headers})
-        streamed = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in start.headers)
+        streamed = _is_event_stream(start.headers)
 
         async def pump():
             first = True
             async for ev in events:
                 if isinstance(ev, End):
-                    m.prompt_tokens.labels(model).inc(ev.prompt_tokens)
-                    m.completion_tokens.labels(model).inc(ev.completion_tokens)
+                    self._count_tokens(model, ev)
                     continue
                 if first and streamed:
                     m.ttft.labels(model).observe(time.perf_counter() - t0)
@@ -262,6 +252,16 @@ class OpenAIRoute:
                 await events.aclose()
         return status
 
+    def _count_adapter_work(self, model: str, loaded: bool, evicted: list[str]) -> None:
+        if loaded:
+            self.fe.metrics.adapter_loads.labels(model).inc()
+        for name in evicted:
+            self.fe.metrics.adapter_evictions.labels(name).inc()
+
+    def _count_tokens(self, model: str, end: End) -> None:
+        self.fe.metrics.prompt_tokens.labels(model).inc(end.prompt_tokens)
+        self.fe.metrics.completion_tokens.labels(model).inc(end.completion_tokens)
+
     def _failed(self, req: ReplicaRequest, e: BaseException) -> OpenAIError:
         """The error for a replica that failed before answering."""
         if req.adapter is not None and isinstance(e, AdapterLoadError):  # also as Ray's RayTaskError(...)
@@ -271,6 +271,11 @@ class OpenAIRoute:
         log.error("request failed in the replica: %r", e)
         return OpenAIError(503, f"the engine could not serve this request ({type(e).__name__}: {str(e)[:200]}); "
                                 "retry shortly", headers={"Retry-After": "5"})
+
+
+def _is_event_stream(headers) -> bool:
+    """Whether an answer with these ASGI headers is a server-sent event stream (streamed)."""
+    return any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
 
 
 async def _disconnected(receive) -> None:
