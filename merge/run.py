@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from lorafleet.adapter import check_against_base, read_adapter
+from lorafleet.adapter import TOKENIZER_FILES, check_against_base, read_adapter, unsupported
 from lorafleet.atomic import atomic_dir
 from lorafleet.errors import UserError
 
@@ -53,7 +53,7 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
                   allow_pickle: bool = False, log: Callable[[str], None] = print,
                   max_shard_bytes: int = 2 * 1024**3) -> Path:
     from lorafleet.models import base_fingerprint, module_shapes
-    from merge.streaming import stream_merge, streaming_supported
+    from merge.streaming import stream_merge
     from merge.verify import DEFAULT_TOLERANCE, parity_report
 
     if dtype not in DTYPES:
@@ -72,9 +72,12 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
                         "merge into the full-precision (fp16/bf16) base, not the 4-bit one used for training")
     fp = base_fingerprint(str(base_dir))
     check_against_base(info, module_shapes(str(base_dir)), fp["fingerprint"])
-    why_not = streaming_supported(info)
+    refused = unsupported(info, "peft")
+    if refused:
+        raise UserError(f"adapter {info.name} cannot be merged: {refused}")
+    why_not = unsupported(info, "streaming")
     if method == "streaming" and why_not:
-        raise UserError(f"the streaming merge cannot handle this adapter ({why_not}); use --method peft")
+        raise UserError(f"the streaming merge cannot handle adapter {info.name}: {why_not}")
     use_streaming = method == "streaming" or (method == "auto" and why_not is None)
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE[dtype]
     t0 = time.time()
@@ -92,9 +95,9 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
             log(f"merging {info.name} into {base_ref} ({dtype}, peft merge_and_unload"
                 f"{': ' + why_not if why_not else ''})")
             stats = _peft_merge(base_dir, info, tmp, DTYPES[dtype], max_shard_bytes)
-        # The merged model is prompted the way the adapter was trained: its template becomes
-        # the merged model's chat template.
-        template = copy_tokenizer(base_dir, tmp, info.template)
+        # The merged model is prompted the way the adapter was trained: its tokenizer (the
+        # adapter's own when it carries one: added tokens) and its template.
+        template = copy_tokenizer(info.path if info.has_tokenizer() else base_dir, tmp, info.template)
         merge_seconds = time.time() - t0
         report = {"base_model": base_ref, "base_fingerprint": fp["fingerprint"], "adapter": str(adapter),
                   "dtype": dtype, "method": "streaming" if use_streaming else "peft", **stats,
@@ -103,7 +106,7 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
                   "tolerance": tol}
         if verify:
             log("verifying: base+adapter (peft, unmerged) vs merged, float32 logits on probe prompts")
-            report["parity"] = parity_report(str(base_dir), str(adapter), str(tmp), template)
+            report["parity"] = parity_report(str(base_dir), info, str(tmp), template)
             p = report["parity"]
             log(f"max |Δlogits| {p['max_abs_logits_diff']:.4g} (adapter effect {p['adapter_effect_max_abs']:.4g}), "
                 f"mean {p['mean_abs_logits_diff']:.3g}, greedy tokens agree: {p['greedy_tokens_agree']}")
@@ -116,20 +119,16 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
     return out
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja",
-                   "chat_template.json")
-
-
-def copy_tokenizer(base_dir: Path, out: Path, template: str | None) -> str | None:
-    """Copy the base's tokenizer files; the adapter's template (if any) becomes the chat template.
+def copy_tokenizer(source: Path, out: Path, template: str | None) -> str | None:
+    """Copy the tokenizer files of `source` (the base, or the adapter when it carries its own);
+    the adapter's recorded template (if any) becomes the chat template.
 
     Plain file copies, not a transformers round trip: the streaming merge then never imports
     transformers, which alone costs ~200 MB of RSS.
     """
     for f in TOKENIZER_FILES:
-        if (base_dir / f).is_file():
-            shutil.copy2(base_dir / f, out / f)
+        if (source / f).is_file():
+            shutil.copy2(source / f, out / f)
     cfg_file = out / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     if template is None:
@@ -144,10 +143,12 @@ def copy_tokenizer(base_dir: Path, out: Path, template: str | None) -> str | Non
 
 
 def _peft_merge(base_dir: Path, info, tmp: Path, dtype: torch.dtype, max_shard_bytes: int) -> dict:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from lorafleet.adapter import load_with_peft
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
-    model = PeftModel.from_pretrained(model, str(info.path)).merge_and_unload()
+    try:
+        model = load_with_peft(base_dir, info, dtype).merge_and_unload()
+    except (RuntimeError, ValueError) as e:  # peft's merge refusing a layer it cannot fold
+        raise UserError(f"peft cannot merge adapter {info.name}: {str(e).splitlines()[0][:400]}") from None
     model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_bytes)
-    return {"tensors": len(model.state_dict()), "merged_modules": None, "shards": len(list(tmp.glob("*.safetensors")))}
+    return {"tensors": len(model.state_dict()), "merged_modules": None, "shards": len(list(tmp.glob("*.safetensors"))),
+            "vocab_size": model.get_input_embeddings().weight.shape[0]}

@@ -6,6 +6,8 @@ each targeted weight in float32, the result is cast to the output dtype and writ
 into the output shard at an offset fixed in advance (the safetensors header lists every shape, so it can be written
 before any data). Peak memory: the largest tensor plus the adapter, whatever the model size.
 
+Which adapters it takes is `lorafleet.adapter.unsupported(info, "streaming")`'s answer (plain
+linear LoRA factors, any per-module rank/alpha pattern, rsLoRA); the rest go through peft.
 The arithmetic follows peft's (`W.float() + (B @ A) * scale` with W already in the output dtype,
 rounded to it), so the result equals peft's merge; tests/test_merge.py checks it.
 """
@@ -19,46 +21,14 @@ from typing import Any, Callable
 
 import torch
 
-from lorafleet.adapter import AdapterInfo, load_adapter_tensors, lora_pairs
+from lorafleet.adapter import AdapterInfo, lora_deltas
 from lorafleet.errors import UserError
+from lorafleet.safetensors_header import read_header
 
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
              torch.bool: "BOOL"}
 ST_TO_TORCH = {v: k for k, v in ST_DTYPES.items()}
-
-
-def streaming_supported(info: AdapterInfo) -> str | None:
-    """None if the streaming path handles this adapter, else why not (then peft's path is used)."""
-    c = info.config
-    if c.get("use_dora"):
-        return "DoRA adapters need the weight norms peft computes"
-    if c.get("modules_to_save"):
-        return "modules_to_save replaces whole modules"
-    if c.get("bias", "none") != "none" or c.get("lora_bias"):
-        return "trained biases"
-    if c.get("fan_in_fan_out"):
-        return "fan_in_fan_out (Conv1D) layers"
-    if any("lora_embedding" in k for k in info.tensors):
-        return "LoRA on embeddings"
-    if info.pickled:
-        return "pickle weights"
-    return None
-
-
-def _lora_pairs(info: AdapterInfo) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Base weight key -> (A, B, scale)."""
-    pairs = lora_pairs(load_adapter_tensors(info), info.name)
-    return {mod + ".weight": (a, b, info.scale_for(mod)) for mod, (a, b) in pairs.items()}
-
-
-def read_header(f: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's header (name -> dtype, shape, offsets) and where its data starts."""
-    with open(f, "rb") as fh:
-        n = struct.unpack("<Q", fh.read(8))[0]
-        header = json.loads(fh.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
 
 
 def read_tensor(fh, dtype: str, start: int, end: int, shape: list[int]) -> torch.Tensor:
@@ -83,7 +53,7 @@ def _base_files(base_dir: Path) -> list[Path]:
 def stream_merge(base_dir: Path, info: AdapterInfo, out_dir: Path, dtype: torch.dtype,
                  max_shard_bytes: int = 2 * 1024**3, progress: Callable[[int, int], None] | None = None
                  ) -> dict[str, Any]:
-    pairs = _lora_pairs(info)
+    pairs = lora_deltas(info)
     files = _base_files(base_dir)
     # 1. plan: every tensor's name, output dtype and shape, in file order; cut into shards
     plan: list[tuple[Path, str, str, list[int]]] = []

@@ -39,23 +39,26 @@ def _logits(model, ids: list[list[int]]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def parity_report(base_ref: str, adapter_dir: str, merged_dir: str, template: str | None,
+def parity_report(base_ref: str, info: Any, merged_dir: str, template: str | None,
                   trust_remote_code: bool = False) -> dict[str, Any]:
-    from peft import PeftModel
+    """Max/mean |Δlogits| between peft's unmerged model (`lorafleet.adapter.load_with_peft`) and
+    the merged one, float32, on PROBES; plus the adapter's own effect (over the base's vocabulary)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorafleet.adapter import load_with_peft
 
     tok = AutoTokenizer.from_pretrained(merged_dir, trust_remote_code=trust_remote_code)
     ids = probe_ids(tok, template)
     base = AutoModelForCausalLM.from_pretrained(base_ref, dtype=torch.float32, trust_remote_code=trust_remote_code)
     base_logits = _logits(base, ids)
-    peft_model = PeftModel.from_pretrained(base, adapter_dir)
+    peft_model = load_with_peft(base_ref, info, torch.float32, base_model=base)
     ref = _logits(peft_model, ids)
     del peft_model, base
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     got = _logits(merged, ids)
     del merged
     diffs = [(r - g).abs() for r, g in zip(ref, got)]
-    effect = max(float((r - b).abs().max()) for r, b in zip(ref, base_logits))
+    effect = max(float((r[..., : b.shape[-1]] - b).abs().max()) for r, b in zip(ref, base_logits))
     agree = [bool((r.argmax(-1) == g.argmax(-1)).all()) for r, g in zip(ref, got)]
     return {
         "probes": len(ids),

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from lorafleet.adapter import CONFIG, normalised_config, read_adapter
+from lorafleet.errors import UserError
 from serve.contract import AdapterLoadError, AdapterRef
 
 log = logging.getLogger("lorafleet.serve")
@@ -48,14 +50,6 @@ class Loaded:
     snapshot: Path
 
 
-def peft_lora_alpha_default() -> float:
-    """`lora_alpha` when an adapter_config.json leaves it out: peft's own default (8), read from
-    peft's LoraConfig, not restated. vLLM refuses such a config; the snapshot writes it out."""
-    from peft import LoraConfig
-
-    return LoraConfig.__dataclass_fields__["lora_alpha"].default
-
-
 def snapshot_adapter(ref: AdapterRef, dest: Path, max_bytes: int = 2 * 1024**3) -> Path:
     """Copy the adapter's top-level files to `dest` (copies, not links: an in-place overwrite of
     the source must not change bytes a running request uses), with its config normalised for
@@ -67,17 +61,18 @@ def snapshot_adapter(ref: AdapterRef, dest: Path, max_bytes: int = 2 * 1024**3) 
     tmp = root / f".{dest.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if is_remote(ref.uri):
-        download_adapter(ref.uri, tmp, max_bytes)
-    else:
-        for f in Path(ref.path).iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-    cfg_file = tmp / "adapter_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("lora_alpha") is None:
-        cfg["lora_alpha"] = peft_lora_alpha_default()
-        cfg_file.write_text(json.dumps(cfg, indent=2))
+    try:
+        if is_remote(ref.uri):
+            download_adapter(ref.uri, tmp, max_bytes)
+        else:
+            for f in Path(ref.path).iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        info = read_adapter(tmp, allow_pickle=True, read_tensors=False)
+        (tmp / CONFIG).write_text(json.dumps(normalised_config(info), indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     tmp.rename(dest)
     return dest
 
@@ -155,7 +150,7 @@ class AdapterCache:
         engine_name = f"{ref.name}@{ref.version}.{int_id}"
         try:
             snapshot = await asyncio.to_thread(snapshot_adapter, ref, self.root / engine_name)
-        except OSError as e:  # the source went away between the front's check and this load
+        except (OSError, UserError) as e:  # the source went away or changed after the front's check
             raise AdapterLoadError(f"adapter {ref.name} could not be read from {ref.uri or ref.path}: {e}") from e
         lora = LoRARequest(lora_name=engine_name, lora_int_id=int_id, lora_path=str(snapshot))
         try:

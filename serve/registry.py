@@ -17,17 +17,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorafleet.adapter import AdapterInfo, check_against_base, read_adapter
+from lorafleet.adapter import AdapterInfo, check_against_base, parse_tensor_key, read_adapter, unsupported
 from lorafleet.atomic import swap_in
 from lorafleet.errors import UserError
 from serve.errors import OpenAIError, adapter_refused
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Modules vLLM's LoRA layers apply to for decoder LLMs; others (e.g. embed_tokens, lm_head
-# in modules_to_save) change the vocabulary or need full weights the engine will not take.
+# Module names vLLM gives LoRA layers in decoder LLMs (its linear layers, by the names adapters
+# use: vllm.lora.utils.get_supported_lora_modules on a built model). The front end has no model
+# to ask; the engine's own load check stays the final word and its refusal is a 422 too.
 ENGINE_TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
                   "gate_up_proj", "dense", "query_key_value", "dense_h_to_4h", "dense_4h_to_h", "c_attn", "c_proj",
-                  "c_fc", "w1", "w2", "w3", "fc1", "fc2", "out_proj", "wqkv", "wo"}
+                  "c_fc", "w1", "w2", "w3", "fc1", "fc2", "out_proj", "wqkv", "wo",
+                  "embed_tokens", "lm_head"}  # the models' `embedding_modules`
 
 
 @dataclass
@@ -236,29 +238,25 @@ class AdapterRegistry:
         return a
 
     def gate(self, info: AdapterInfo) -> None:
+        """Refuse (UserError) what this server's engine cannot run: vLLM's own PEFTHelper answers
+        for the config (DoRA, modules_to_save, biases, base-changing inits, rank), the module names
+        and shapes are checked against the engine's LoRA layers and this base."""
         if self.max_lora_rank is not None and info.rank > self.max_lora_rank:
             raise UserError(f"adapter {info.name} has rank {info.rank}, above the server's max_lora_rank "
                             f"{self.max_lora_rank}; restart with engine.max_lora_rank >= {info.rank}")
-        if info.config.get("modules_to_save") or any("modules_to_save" in k for k in info.tensors):
-            raise UserError(f"adapter {info.name} has modules_to_save {info.config.get('modules_to_save')} "
-                            "(full copies of modules, often new tokens); vLLM cannot serve that: merge it instead")
-        if any(k.endswith(("embed_tokens.weight", "lm_head.weight")) for k in info.tensors):
-            raise UserError(f"adapter {info.name} carries embedding/lm_head weights (new tokens); merge it instead")
-        if info.config.get("use_dora"):
-            raise UserError(f"adapter {info.name} is a DoRA adapter, which vLLM does not serve; merge it instead")
-        if info.config.get("lora_bias"):
-            raise UserError(f"adapter {info.name} has lora_bias (a bias on LoRA's B), which vLLM does not serve; "
-                            "merge it instead")
-        if info.config.get("bias") not in (None, "none"):
-            raise UserError(f"adapter {info.name} was trained with bias={info.config['bias']!r} (bias terms of its "
-                            "own), which vLLM does not serve; merge it instead, or train with bias: none")
+        why = unsupported(info, "vllm", self.max_lora_rank)
+        if why:
+            raise UserError(f"adapter {info.name}: {why}")
         # Which modules it adapts, from its tensors: target_modules may be a regex or `all-linear`.
-        modules = {k.split(".lora_", 1)[0].rsplit(".", 1)[-1] for k in info.tensors if ".lora_" in k}
-        if not modules and isinstance(info.config.get("target_modules"), list):  # weights not read (pickle)
+        # (Whole-module copies are PEFTHelper's to judge, as modules_to_save.)
+        keys = [parse_tensor_key(k) for k in info.tensors]
+        modules = {k.module.rsplit(".", 1)[-1] for k in keys if k.kind != "full"}
+        if not info.tensors and isinstance(info.lora.target_modules, (list, set)):  # weights not read (pickle)
             modules = {m.rsplit(".", 1)[-1] for m in info.target_modules}
         bad = sorted(m for m in modules if m not in ENGINE_TARGETS)
         if bad:
-            raise UserError(f"adapter {info.name} targets {bad}, which the engine cannot apply LoRA to")
+            raise UserError(f"adapter {info.name} targets {bad}, which the engine cannot apply LoRA to; "
+                            "merge it instead (lorafleet merge) and serve the merged model")
         check_against_base(info, self.base_shapes, self.base_fingerprint)
 
     def _materialize(self, a: Adapter, refresh: bool = False) -> Path:

@@ -3,7 +3,9 @@
 Formats (a record each):
 - alpaca   {"instruction", "input", "output"}: the seed's format. instruction = the system turn
            (`### 指令`), input = the user turn; with an empty input the instruction is the user turn.
-- messages {"messages": [{"role", "content"}, ...]}: OpenAI roles.
+- messages {"messages": [{"role", "content"}, ...], "tools"?}: OpenAI's chat fine-tuning format:
+           content as a string or a list of text parts, `name`, per-assistant-turn `weight`
+           0/1 (0: in the text, not in the loss), `tool_calls` / `tool` turns with `tools`.
 - sharegpt {"conversations": [{"from": "human"|"gpt"|"system", "value"}]}
 - text     {"text"}: plain language-model data, loss on every token.
 
@@ -25,7 +27,9 @@ from lorafleet.templates import encode, split_prompt_completion
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bot": "assistant", "model": "assistant"}
-OPENAI_ROLES = {"system", "user", "assistant", "developer"}
+OPENAI_ROLES = {"system", "user", "assistant", "developer", "tool"}
+# Keys of a message in OpenAI's chat fine-tuning format (platform.openai.com/docs/api-reference/fine-tuning/chat-input).
+MESSAGE_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id"}
 
 
 @dataclass
@@ -124,20 +128,7 @@ def to_messages(rec: Record, fmt: str) -> list[dict[str, str]] | str:
             msgs = [{"role": "user", "content": instruction}]
         return msgs + [{"role": "assistant", "content": out}]
     if fmt == "messages":
-        msgs = d["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise UserError(f"{rec.where}: 'messages' must be a non-empty list")
-        clean = []
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise UserError(f"{rec.where}: messages[{j}] needs 'role' and 'content'")
-            if m["role"] not in OPENAI_ROLES:
-                raise UserError(f"{rec.where}: messages[{j}] has role {m['role']!r}; use one of {sorted(OPENAI_ROLES)}")
-            role = "system" if m["role"] == "developer" else m["role"]
-            clean.append({"role": role, "content": str(m["content"])})
-        if clean[-1]["role"] != "assistant":
-            raise UserError(f"{rec.where}: the last message must be the assistant's answer (got {clean[-1]['role']})")
-        return clean
+        return openai_messages(rec)
     if fmt == "sharegpt":
         conv = d["conversations"]
         if not isinstance(conv, list) or not conv:
@@ -156,6 +147,128 @@ def to_messages(rec: Record, fmt: str) -> list[dict[str, str]] | str:
             raise UserError(f"{rec.where}: record lacks a non-empty 'text'")
         return d["text"]
     raise UserError(f"unknown data format {fmt!r}")
+
+
+def openai_messages(rec: Record) -> list[dict[str, Any]]:
+    """A record in OpenAI's chat fine-tuning format as the messages a chat template renders.
+
+    Text parts are joined with "\n", as vLLM joins them for a string-content template, so a
+    served request renders as its training record did; tool call arguments given as JSON text
+    become objects, as vLLM hands them to templates (vllm/renderers/chat_utils.py,
+    `_postprocess_messages`). Anything else is refused naming the record and key.
+    """
+    d, where = rec.data, rec.where
+    if "functions" in d or "function_call" in d:
+        raise UserError(f"{where}: 'functions' is OpenAI's legacy function calling; write 'tools' and "
+                        "'tool_calls' instead")
+    msgs = d["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError(f"{where}: 'messages' must be a non-empty list")
+    out = []
+    for j, m in enumerate(msgs):
+        at = f"{where}: messages[{j}]"
+        if not isinstance(m, dict) or "role" not in m:
+            raise UserError(f"{at} needs 'role' and 'content'")
+        if m["role"] not in OPENAI_ROLES:
+            raise UserError(f"{at} has role {m['role']!r}; use one of {sorted(OPENAI_ROLES)}")
+        unknown = sorted(set(m) - MESSAGE_KEYS)
+        if unknown:
+            raise UserError(f"{at} has key {unknown[0]!r}, which OpenAI's chat format does not define; "
+                            f"remove it (known: {sorted(MESSAGE_KEYS)})")
+        msg: dict[str, Any] = {"role": "system" if m["role"] == "developer" else m["role"],
+                               "content": _text_content(m.get("content"), m, at)}
+        if isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+        if "weight" in m:
+            if m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], float):
+                raise UserError(f"{at}: 'weight' is 0 or 1, on assistant messages only (got {m['weight']!r} "
+                                f"on {m['role']})")
+            msg["weight"] = int(m["weight"])
+        if m.get("tool_calls"):
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], at)
+        if m["role"] == "tool":
+            if "tool_call_id" in m:
+                msg["tool_call_id"] = str(m["tool_call_id"])
+        out.append(msg)
+    if out[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the last message must be the assistant's answer (got {out[-1]['role']})")
+    return out
+
+
+def _text_content(content: Any, m: dict[str, Any], at: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        if m.get("tool_calls"):
+            return ""
+        raise UserError(f"{at} needs 'content' (a string or a list of text parts)")
+    if not isinstance(content, list):
+        raise UserError(f"{at}: 'content' must be a string or a list of text parts, got {type(content).__name__}")
+    texts = []
+    for k, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise UserError(f"{at}.content[{k}] is a {kind!r} part; only {{\"type\": \"text\", \"text\": ...}} "
+                            "parts can be trained on")
+        extra = sorted(set(part) - {"type", "text"})
+        if extra:
+            raise UserError(f"{at}.content[{k}] has key {extra[0]!r}; a text part has only 'type' and 'text'")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _tool_calls(calls: Any, at: str) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise UserError(f"{at}: 'tool_calls' must be a list")
+    out = []
+    for k, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or c.get("type", "function") != "function":
+            raise UserError(f"{at}.tool_calls[{k}] must be {{\"type\": \"function\", \"function\": "
+                            "{\"name\", \"arguments\"}}")
+        args = fn.get("arguments") or {}
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{at}.tool_calls[{k}].function.arguments is not valid JSON ({e.msg})") from None
+        if not isinstance(args, dict):
+            raise UserError(f"{at}.tool_calls[{k}].function.arguments must be a JSON object")
+        out.append({"id": str(c.get("id", f"call_{k}")), "type": "function",
+                    "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def record_tools(rec: Record) -> list[dict[str, Any]] | None:
+    """The record's `tools` (OpenAI function definitions), checked; None when it has none."""
+    tools = rec.data.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and t.get("type") == "function"
+                                              and isinstance(t.get("function"), dict) for t in tools):
+        raise UserError(f"{rec.where}: 'tools' must be a list of {{\"type\": \"function\", \"function\": {{...}}}}")
+    return tools
+
+
+def check_template_renders(tokenizer: Any, template: str, msgs: list[dict[str, Any]],
+                           tools: list[dict[str, Any]] | None, where: str) -> None:
+    """Refuse a record whose tools, tool calls or tool results the template drops: they would be
+    trained on as if absent."""
+    from lorafleet.templates import render
+
+    plain = [{k: v for k, v in m.items() if k != "weight"} for m in msgs]
+    text = render(tokenizer, template, plain, add_generation_prompt=False, tools=tools)
+    if tools and text == render(tokenizer, template, plain, add_generation_prompt=False):
+        raise UserError(f"{where}: the record has 'tools' but the chat template does not render them; use a "
+                        "template that supports tools (a model's own tool-calling template) or drop 'tools'")
+    for j, m in enumerate(msgs):
+        for c in m.get("tool_calls", []):
+            if c["function"]["name"] not in text:
+                raise UserError(f"{where}: messages[{j}] has tool_calls but the chat template does not render "
+                                "them; use a template that supports tool calls")
+        if m["role"] == "tool" and m["content"] not in text:
+            raise UserError(f"{where}: messages[{j}] is a tool result the chat template does not render; use a "
+                            "template that supports tool messages")
 
 
 @dataclass
@@ -186,7 +299,13 @@ def tokenize_records(records: Iterable[Record], fmt: str, tokenizer: Any, templa
             ids = encode(tokenizer, conv) + ([eos] if eos is not None else [])
             mask = [1] * len(ids)
         else:
-            ids, mask, _ = split_prompt_completion(tokenizer, template, conv)
+            tools = record_tools(rec)
+            try:
+                if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in conv):
+                    check_template_renders(tokenizer, template, conv, tools, rec.where)
+                ids, mask, _ = split_prompt_completion(tokenizer, template, conv, tools=tools)
+            except UserError as e:
+                raise UserError(str(e) if str(e).startswith(rec.where) else f"{rec.where}: {e}") from None
         if len(ids) > max_seq_length:
             truncated += 1
             ids, mask = ids[:max_seq_length], mask[:max_seq_length]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from lorafleet.adapter import write_manifest
 from lorafleet.atomic import atomic_dir, leftovers
 from lorafleet.config import TrainConfig
 from lorafleet.errors import UserError
@@ -235,7 +236,7 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         man = manifest(cfg, base_fingerprint(model_ref), template_name, template, train_set, len(rows),
                        len(eval_rows), trainable, total, final_train_loss, eval_loss, summary, use_4bit, device)
-        (tmp / "lorafleet.json").write_text(json.dumps(man, indent=2, ensure_ascii=False) + "\n")
+        write_manifest(tmp, man)
         with (tmp / "metrics.jsonl").open("w") as f:
             for h in history:
                 f.write(json.dumps(h) + "\n")
