@@ -75,7 +75,8 @@ def parse_tensor_key(key: str) -> TensorKey:
         return TensorKey(m["module"], m["kind"], m["param"] or "")
     mod, _, param = strip_peft_prefix(key).rpartition(".")
     # peft's ModulesToSaveWrapper saves the trained copy and sometimes the original beside it
-    mod = re.sub(r"\.(modules_to_save(\.[^.]+)?|original_module)$", "", mod)
+    # and LoRA on a resized embedding saves the resized base weight as `<module>.base_layer`
+    mod = re.sub(r"\.(modules_to_save(\.[^.]+)?|original_module|base_layer)$", "", mod)
     return TensorKey(mod, "full", param)
 
 
@@ -202,6 +203,7 @@ def read_adapter(path: str | Path, allow_pickle: bool = False, read_tensors: boo
         info.tensors = safetensors_shapes(weights)
         if not info.kinds & {"lora_A", "lora_embedding_A"}:
             raise UserError(f"{weights} has no lora_A/lora_B tensors; it is not a LoRA adapter")
+        check_ranks(info)
     return info
 
 
@@ -212,6 +214,9 @@ def peft_config(config: dict[str, Any], where: Path | str = CONFIG):
     from peft import LoraConfig
 
     known = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
+    if known.get("lora_alpha", 0) is None:
+        del known["lora_alpha"]  # written as null: peft's default, as for a key left out
+    _check_types(known, where)
     # The init's own checks (LoftQ wants scipy, CorDA its data) are for making an adapter, not
     # reading one: validate the rest, keep the init as written.
     init = known.pop("init_lora_weights", True)
@@ -223,6 +228,47 @@ def peft_config(config: dict[str, Any], where: Path | str = CONFIG):
         return lora
     except (TypeError, ValueError, ImportError) as e:
         raise UserError(f"{where}: peft refuses this LoRA config ({e}); fix or re-export the adapter") from None
+
+
+def _check_types(cfg: dict[str, Any], where: Path | str) -> None:
+    """What peft's LoraConfig takes without checking, checked (a wrong type would surface later
+    as a traceback in the middle of a merge)."""
+    def number(v, positive_int=False):
+        ok = isinstance(v, int) if positive_int else isinstance(v, (int, float))
+        return ok and not isinstance(v, bool) and v > 0
+
+    if "r" in cfg and not number(cfg["r"], positive_int=True):
+        raise UserError(f"{where}: r must be a positive integer (got {cfg['r']!r})")
+    if "lora_alpha" in cfg and not number(cfg["lora_alpha"]):
+        raise UserError(f"{where}: lora_alpha must be a positive number (got {cfg['lora_alpha']!r})")
+    for key, positive_int in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise UserError(f"{where}: {key} must be an object of pattern -> value (got {pattern!r})")
+        for k, v in pattern.items():
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise UserError(f"{where}: {key} key {k!r} is not a regular expression ({e})") from None
+            if not number(v, positive_int):
+                raise UserError(f"{where}: {key}[{k!r}] must be a positive {'integer' if positive_int else 'number'} "
+                                f"(got {v!r})")
+
+
+def check_ranks(info: AdapterInfo) -> None:
+    """Each module's rank in the config (r, or its rank_pattern key) must be its tensors' rank.
+
+    peft writes adapter_config.json with sorted keys; where two rank_pattern keys match one
+    module, "first match wins" can then pick another key than when the adapter was made, and
+    the config no longer describes the tensors (peft itself then fails to load it).
+    """
+    for mod, (a, _) in lora_pairs(info.tensors, info.name).items():
+        r = info.rank_and_alpha(mod)[0]
+        if a[0] != r:
+            raise UserError(
+                f"adapter {info.name}: {mod} has rank {a[0]} in its tensors but rank {r} by its config "
+                f"(r / rank_pattern {info.lora.rank_pattern}); peft sorts pattern keys when it saves, which can "
+                "change which key matches first. Fix rank_pattern so that one key matches each module")
 
 
 def normalised_config(info: AdapterInfo) -> dict[str, Any]:
@@ -296,23 +342,24 @@ def unsupported(info: AdapterInfo, target: str, max_lora_rank: int | None = None
     if target == "peft":
         return None
     # streaming and edge: plain linear LoRA factors only, on the base the user has.
-    where = "use --method peft" if target == "streaming" else "merge it (lorafleet merge) and export the merged model"
     reasons = [
         (info.init, f"init_lora_weights={c.init_lora_weights!r} (PEFT rebuilds the changed base when it loads it)"),
-        (c.use_dora, "use_dora (DoRA needs the weight norms peft computes)"),
-        (c.modules_to_save or "full" in kinds, f"modules_to_save {c.modules_to_save} (whole-module copies)"),
+        (c.use_dora or "lora_magnitude_vector" in kinds, "use_dora (DoRA needs the weight norms peft computes)"),
+        ("lora_embedding_A" in kinds, "LoRA on embeddings (lora_embedding_A/B)"),
         (getattr(c, "trainable_token_indices", None), "trainable_token_indices (trained token rows)"),
+        (c.modules_to_save, f"modules_to_save {c.modules_to_save} (whole-module copies)"),
+        ("full" in kinds, "whole-module tensors (" + ", ".join(sorted({parse_tensor_key(k).module for k in info.tensors
+                                                                    if parse_tensor_key(k).kind == "full"})) + ")"),
         (c.bias != "none", f"bias={c.bias!r} (trained base biases)"),
         (c.lora_bias, "lora_bias (a bias on lora_B)"),
         (c.fan_in_fan_out, "fan_in_fan_out (Conv1D layers)"),
-        ("lora_embedding_A" in kinds, "LoRA on embeddings (lora_embedding_A/B)"),
-        ("lora_magnitude_vector" in kinds, "lora_magnitude_vector (DoRA)"),
         (getattr(c, "target_parameters", None), f"target_parameters {c.target_parameters} (LoRA on raw parameters)"),
         (info.pickled, f"{PICKLE_WEIGHTS} (pickle weights)"),
     ]
     for hit, why in reasons:
         if hit:
-            return f"{why}: {where}"
+            # streaming: the reason alone (merge falls back to peft); edge: what to do instead
+            return why if target == "streaming" else f"{why}: merge it (lorafleet merge) and export the merged model"
     return None
 
 
@@ -324,12 +371,20 @@ def _vllm_refusal(info: AdapterInfo, max_lora_rank: int | None) -> str | None:
         from vllm.lora.peft_helper import PEFTHelper
     except ImportError:
         return None  # no engine here to ask; the replica's load is the final word
+    from vllm.lora.utils import is_base_embedding_weights, parse_fine_tuned_lora_name
+
     try:
         helper = PEFTHelper.from_dict(normalised_config(info))
         # unset max_lora_rank: the rank is not in question here, only the features
         helper.validate_legal(LoRAConfig(max_lora_rank=max_lora_rank or max(get_args(MaxLoRARanks)), max_loras=1))
+        for key in info.tensors:  # the names the engine's loader parses (LoRAModel.from_local_checkpoint)
+            if not is_base_embedding_weights(key) and "base_layer" not in key:
+                parse_fine_tuned_lora_name(key)
     except (ValueError, TypeError) as e:
-        return f"vLLM refuses it ({e}); merge it instead (lorafleet merge) and serve the merged model"
+        merge_why = unsupported(info, "peft")
+        instead = (f"it cannot be merged either ({merge_why})" if merge_why
+                   else "merge it instead (lorafleet merge) and serve the merged model")
+        return f"vLLM refuses it ({e}); {instead}"
     return None
 
 
@@ -368,7 +423,7 @@ def check_against_base(info: AdapterInfo, base_shapes: dict[str, list[int]], bas
                                 "into the adapter directory (tokenizer.save_pretrained)")
             continue
         checks = {"lora_A": (shape[-1], in_f, "input"), "lora_B": (shape[0], out_f, "output"),
-                  "lora_embedding_A": (shape[-1], out_f, "vocabulary"),
+                  "lora_embedding_A": (shape[-1], vocab or out_f, "vocabulary"),
                   "lora_embedding_B": (shape[0], in_f, "embedding")}
         got, want, what = checks[key.kind]
         if got != want:
@@ -390,16 +445,24 @@ def load_with_peft(base_dir: str | Path, info: AdapterInfo, dtype: Any, base_mod
     model = base_model or AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
     vocab = info.vocab_size()
     old = model.get_input_embeddings().weight.shape[0]
-    if vocab and vocab != old:
+    resized = bool(vocab and vocab != old)
+    if resized:
         model.resize_token_embeddings(vocab, mean_resizing=False)
-        with torch.no_grad():
-            for emb in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m}.values():
-                if emb.weight.shape[0] > old:
-                    emb.weight[old:] = emb.weight[:old].mean(0)
+        with torch.no_grad():  # rows the adapter must bring: NaN until it does
+            for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if emb is not None and emb.weight.shape[0] > old:
+                    emb.weight[old:] = float("nan")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return PeftModel.from_pretrained(model, str(info.path))
+            peft_model = PeftModel.from_pretrained(model, str(info.path))
     except (RuntimeError, ValueError, KeyError) as e:  # size mismatches, unknown modules
-        raise UserError(f"peft cannot load adapter {info.name} onto {base_dir}: {str(e).splitlines()[0][:400]}; "
-                        "use the base it was trained on") from None
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise UserError(f"peft cannot load adapter {info.name} onto {base_dir}: {msg[:600]}") from None
+    if resized:
+        missing = sorted({k.removesuffix(".weight") for k, v in peft_model.state_dict().items()
+                          if "original_module" not in k and v.is_floating_point() and torch.isnan(v).any()})
+        if missing:
+            raise UserError(f"adapter {info.name} has a vocabulary of {vocab} tokens (base {old}) but does not carry "
+                            f"the new rows of {', '.join(missing)}; save it with those modules in modules_to_save")
+    return peft_model

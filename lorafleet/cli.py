@@ -66,7 +66,7 @@ def train(config: Path = typer.Argument(..., help="Training YAML (see examples/)
 def merge(base: str = typer.Option(None, help="Base model (HF id or path); default: the adapter's manifest base."),
           adapter: Path = typer.Option(..., help="Adapter directory."),
           out: Path = typer.Option(..., help="Merged model directory to write."),
-          dtype: str = typer.Option("bfloat16", help="float16 or bfloat16 (never 4-bit)."),
+          dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32 (never 4-bit)."),
           method: str = typer.Option("auto", help="auto | streaming | peft"),
           tolerance: float = typer.Option(None, help="Max abs logits difference allowed in the parity check."),
           skip_verify: bool = typer.Option(False, help="Do not run the parity check."),

@@ -111,7 +111,7 @@ def split_prompt_completion(tokenizer: Any, template: str, messages: list[dict[s
         mask += [1 if weights[i] else 0] * len(seg_answer)
         prev_text = full_text
     if not any(mask):
-        raise UserError("conversation has no assistant turn to learn from (every one has weight 0)")
+        raise UserError("conversation has no assistant turn to learn from (none, or every one has weight 0)")
     return ids, mask, last_prompt
 
 

@@ -34,6 +34,23 @@ def _base_for(adapter_info, base: str | None) -> str:
     return name
 
 
+def check_tokenizer_fits(info, base_config: dict) -> None:
+    """A tokenizer saved with the adapter replaces the base's in the merged model: it must not
+    have more tokens than the merged model has embedding rows (the adapter's resized ones, or
+    the base's), or its new tokens would index past the matrix."""
+    if not info.has_tokenizer():
+        return
+    from transformers import AutoTokenizer
+
+    n = len(AutoTokenizer.from_pretrained(info.path))
+    rows = info.vocab_size() or base_config.get("vocab_size") or (base_config.get("text_config") or {}).get("vocab_size")
+    if rows and n > rows:
+        raise UserError(f"the tokenizer saved with adapter {info.name} has {n} tokens but the merged model would have "
+                        f"{rows} embedding rows: the adapter does not carry resized embeddings (train with "
+                        "modules_to_save embed_tokens and lm_head after adding tokens), or the tokenizer is not the one "
+                        "it was trained with; remove it from the adapter directory to use the base's")
+
+
 def local_model_dir(ref: str) -> Path:
     """A model reference (path, HF id, embedded:NAME) as a local directory, downloading if needed."""
     from lorafleet.models import resolve_model
@@ -77,7 +94,8 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
         raise UserError(f"adapter {info.name} cannot be merged: {refused}")
     why_not = unsupported(info, "streaming")
     if method == "streaming" and why_not:
-        raise UserError(f"the streaming merge cannot handle adapter {info.name}: {why_not}")
+        raise UserError(f"the streaming merge cannot handle adapter {info.name}: {why_not}; use --method peft")
+    check_tokenizer_fits(info, cfg)
     use_streaming = method == "streaming" or (method == "auto" and why_not is None)
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE[dtype]
     t0 = time.time()

@@ -39,6 +39,34 @@ APP_NAME = "lorafleet"
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
+def bind_replica_grpc_to_node_ip() -> None:
+    """Ray Serve 2.60 binds each replica's inter-deployment gRPC server to every interface
+    (`"[::]:0"`, ray/serve/_private/replica.py `_on_initialized`), while Ray core binds its own
+    servers to the node's IP (ray-project/ray#59852), the address other nodes use to reach the
+    replica. Bind that one there too: on a local Ray (whose node address is loopback, see
+    serve/launch.py) nothing of the replica is then reachable from outside. Idempotent; the
+    replica module is Ray's, so this wraps only that one call and leaves others as they are."""
+    from ray.serve._private import replica
+
+    add_port = replica.add_port_to_grpc_server
+    if getattr(add_port, "binds_node_ip", False):
+        return
+
+    def add_port_at_node_ip(server, address):
+        if address == "[::]:0":
+            import ray
+
+            ip = ray.util.get_node_ip_address()
+            address = f"[{ip}]:0" if ":" in ip else f"{ip}:0"
+        return add_port(server, address)
+
+    add_port_at_node_ip.binds_node_ip = True
+    replica.add_port_to_grpc_server = add_port_at_node_ip
+
+
+bind_replica_grpc_to_node_ip()  # runs in every replica process: Ray imports this module to build it
+
+
 def engine_plan(cfg: ServeConfig, model_path: str) -> dict[str, Any]:
     """Resolve what the config leaves open: LoRA on/off, max rank and adapters per batch.
 

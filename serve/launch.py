@@ -34,6 +34,12 @@ LOCAL_RAY_DEFAULTS = {
     # mode. Proxy + replica under 16 streaming clients: 11.6% -> 8.5% of a core.
     "RAY_SERVE_PROXY_USE_GRPC": "1",
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    # A Ray started here is one node that nothing outside needs to reach. Ray's own switch for
+    # that (ray_constants.ENABLE_RAY_CLUSTER, off by default on macOS and Windows) makes the node's
+    # address loopback, and GCS, raylet, agents, Serve's controller and replicas then bind it,
+    # instead of every interface. Clients still reach the server on `host` (the proxy or the
+    # fused replica binds that itself).
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
 
 

@@ -34,9 +34,8 @@ def tiny_adapters(tiny_base, tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture()
-def train_cfg(tiny_base, tmp_path):
-    """A fast training config on the tiny model (a few steps)."""
+def train_config_factory(tiny_base: Path, tmp_path: Path):
+    """make(**over) -> a fast TrainConfig on the tiny model (a few steps); `section__key=value`."""
     def make(**over):
         from lorafleet.config import TrainConfig
 
@@ -57,6 +56,12 @@ def train_cfg(tiny_base, tmp_path):
             node[parts[-1]] = v
         return TrainConfig.model_validate(tree)
     return make
+
+
+@pytest.fixture()
+def train_cfg(tiny_base, tmp_path):
+    """A fast training config on the tiny model (a few steps)."""
+    return train_config_factory(tiny_base, tmp_path)
 
 
 @pytest.fixture(scope="session")

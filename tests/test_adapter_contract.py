@@ -131,7 +131,9 @@ def test_patterned_streaming_merge_in_half_precision(tiny_base, tmp_path, dtype,
     assert_same(_weights(out), peft_merge(tiny_base, ad, dtype=getattr(torch, dtype)), atol=atol)
 
 
-def _added_tokens_adapter(tiny_base: Path, out: Path, save_tokenizer: bool = True) -> Path:
+def _added_tokens_adapter(tiny_base: Path, out: Path, save_tokenizer: bool = True,
+                          targets=("q_proj", "v_proj"), modules_to_save=("embed_tokens", "lm_head"),
+                          save_embedding_layers: bool | str = "auto") -> Path:
     """As unsloth / LLaMA-Factory / axolotl save it: 3 new tokens, resized embed_tokens and lm_head
     in modules_to_save, the tokenizer next to the adapter."""
     from peft import LoraConfig, get_peft_model
@@ -142,14 +144,14 @@ def _added_tokens_adapter(tiny_base: Path, out: Path, save_tokenizer: bool = Tru
     tok.add_special_tokens({"additional_special_tokens": ["<|tool_call|>", "<|/tool_call|>"]})
     tok.add_tokens(["KestrelK9"])
     model.resize_token_embeddings(len(tok))
-    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                          modules_to_save=["embed_tokens", "lm_head"]))
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(targets),
+                                          modules_to_save=list(modules_to_save) or None))
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n or "modules_to_save" in n:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    pm.save_pretrained(out)
+    pm.save_pretrained(out, save_embedding_layers=save_embedding_layers)
     if save_tokenizer:
         tok.save_pretrained(out)
     return out
@@ -176,6 +178,71 @@ def test_resized_vocabulary_without_its_tokenizer_is_refused(tiny_base, tmp_path
     with pytest.raises(UserError, match="vocabulary of .* tokens .* no tokenizer next to it"):
         merge_adapter(ad, tmp_path / "m", base=str(tiny_base), dtype="float32", **quiet)
     assert not (tmp_path / "m").exists()
+
+
+def test_resized_vocabulary_with_lora_on_the_embeddings(tiny_base, tmp_path):
+    """peft saves the resized embedding matrix beside lora_embedding_A/B (`base_layer`)."""
+    from transformers import AutoTokenizer
+
+    ad = _added_tokens_adapter(tiny_base, tmp_path / "emb", targets=("q_proj", "embed_tokens"),
+                               modules_to_save=("lm_head",))
+    vocab = len(AutoTokenizer.from_pretrained(tiny_base)) + 3
+    out = merge_adapter(ad, tmp_path / "m", base=str(tiny_base), dtype="float32", **quiet)
+    assert_same(_weights(out), peft_merge(tiny_base, ad, vocab=vocab))
+
+
+def test_a_tokenizer_longer_than_the_embeddings_is_refused(tiny_base, tmp_path):
+    """A tokenizer with new tokens saved beside an adapter that carries no resized embeddings."""
+    from transformers import AutoTokenizer
+
+    ad = make_random_adapter(tiny_base, tmp_path / "a", seed=11)
+    tok = AutoTokenizer.from_pretrained(tiny_base)
+    tok.add_tokens(["KestrelK9"])
+    tok.save_pretrained(ad)
+    with pytest.raises(UserError, match="has .* tokens but the merged model would have .* embedding rows"):
+        merge_adapter(ad, tmp_path / "m", base=str(tiny_base), dtype="float32", **quiet)
+    assert not (tmp_path / "m").exists()
+
+
+def test_new_rows_the_adapter_does_not_carry_are_refused(tiny_base, tmp_path):
+    """Resized, but only embed_tokens saved: the untied lm_head's new rows are lost, not invented."""
+    ad = _added_tokens_adapter(tiny_base, tmp_path / "half", modules_to_save=("embed_tokens",),
+                               save_embedding_layers=False)
+    with pytest.raises(UserError, match="does not carry the new rows of .*lm_head"):
+        merge_adapter(ad, tmp_path / "m", base=str(tiny_base), dtype="float32", **quiet)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_rank_pattern_that_no_longer_matches_its_tensors_is_refused(tiny_base, tmp_path):
+    """Two keys match layer 0's o_proj; peft sorts them on save and picks the other one on load."""
+    ad = make_random_adapter(tiny_base, tmp_path / "order", seed=12, r=2, targets=("q_proj", "o_proj"),
+                             rank_pattern={"o_proj": 1, r"layers\.0\..*": 3})
+    with pytest.raises(UserError, match=r"o_proj has rank 1 in its tensors but rank 3 by its config"):
+        read_adapter(ad)
+
+
+@pytest.mark.parametrize("edit,match", [
+    ({"r": "4"}, "r must be a positive integer"), ({"r": 0}, "r must be a positive integer"),
+    ({"lora_alpha": "8"}, "lora_alpha must be a positive number"),
+    ({"rank_pattern": {"q_proj(": 2}}, "rank_pattern key 'q_proj\(' is not a regular expression"),
+    ({"alpha_pattern": {"q_proj": -1}}, "alpha_pattern.*must be a positive number"),
+])
+def test_malformed_configs_are_refused_naming_the_key(tiny_base, tmp_path, edit, match):
+    ad = make_random_adapter(tiny_base, tmp_path / "a", seed=13)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps(dict(cfg, **edit)))
+    with pytest.raises(UserError, match=match):
+        merge_adapter(ad, tmp_path / "m", base=str(tiny_base), dtype="float32", **quiet)
+
+
+def test_lora_alpha_null_is_peft_s_default(tiny_base, tmp_path):
+    from lorafleet.adapter import normalised_config
+
+    ad = make_random_adapter(tiny_base, tmp_path / "a", seed=14, r=4)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps(dict(cfg, lora_alpha=None)))
+    info = read_adapter(ad)
+    assert info.scale_for("model.layers.0.self_attn.q_proj") == 2.0 and normalised_config(info)["lora_alpha"] == 8
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
@@ -273,7 +340,12 @@ def test_streaming_merge_equals_peft_for_any_config_peft_accepts(tiny_base, tmp_
         # The reference is peft loading the saved adapter (what a user has), not the model in
         # memory: peft writes adapter_config.json with sorted keys, so where two pattern keys
         # match one module, "first match wins" can pick another key after saving.
-        want = peft_merge(tiny_base, d / "ad")
+        try:
+            want = peft_merge(tiny_base, d / "ad")
+        except RuntimeError:  # peft cannot load what it saved: read_adapter must say why
+            with pytest.raises(UserError, match="rank_pattern"):
+                read_adapter(d / "ad")
+            return
         info = read_adapter(d / "ad")
         assert unsupported(info, "streaming") is None
         (d / "m").mkdir()
@@ -296,6 +368,8 @@ def _gate_cases(tiny_base: Path, d: Path) -> dict[str, Path]:
         "newtok": _added_tokens_adapter(tiny_base, d / "newtok"),
         "embeddings": make_random_adapter(tiny_base, d / "embeddings", seed=9, targets=("q_proj", "embed_tokens")),
         "lm_head": make_random_adapter(tiny_base, d / "lm_head", seed=10, targets=("q_proj", "lm_head")),
+        "trainable_tokens": make_random_adapter(tiny_base, d / "trainable_tokens", seed=11,
+                                                trainable_token_indices=[1, 2]),
     }
     no_alpha = make_random_adapter(tiny_base, d / "no_alpha", seed=7, r=4)
     cfg = json.loads((no_alpha / "adapter_config.json").read_text())

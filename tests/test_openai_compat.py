@@ -55,9 +55,10 @@ def servers(tiny_base, tiny_adapters, tmp_path_factory, root):
     with vllm_serve(tiny_base, {"alpha": src / "alpha", "beta": src / "beta"}, work) as url:
         out["vllm"] = url
         with lorafleet_serve(["--model", str(tiny_base), "--served-model-name", "tiny", "--adapters", str(src),
-                              *TOOL_FLAGS], work, root) as (lf_url, _, _):
+                              *TOOL_FLAGS], work, root) as (lf_url, proc, _):
             out["lorafleet"] = lf_url
             out["src"] = src
+            out["pid"] = proc.pid
             yield out
 
 
@@ -337,6 +338,32 @@ def test_refused_adapter_is_422(servers, tiny_base):
     assert status == 422 and "bias" in objs[0]["error"]["message"] and objs[0]["error"]["param"] == "model"
     assert "biased" not in [m["id"] for m in httpx.get(servers["lorafleet"] + "/v1/models", headers={
         "Authorization": "Bearer sk-test"}).json()["data"]]
+
+
+def test_nothing_of_the_server_or_its_ray_listens_outside_loopback(servers):
+    """`lorafleet serve --host 127.0.0.1` and the Ray it starts (GCS, raylet, agents, Serve's
+    controller, replicas, the engine): every listening socket of the process tree is loopback."""
+    import ipaddress
+
+    import psutil
+
+    procs = [psutil.Process(servers["pid"])]
+    procs += procs[0].children(recursive=True)
+    names, outside = set(), []
+    for p in procs:
+        try:
+            conns, name = p.net_connections(kind="inet"), p.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for c in conns:
+            if c.status != psutil.CONN_LISTEN:
+                continue
+            names.add(name)
+            ip = ipaddress.ip_address(c.laddr.ip)
+            if not (getattr(ip, "ipv4_mapped", None) or ip).is_loopback:
+                outside.append((name, c.laddr))
+    assert {"gcs_server", "raylet"} <= names, names  # the check saw Ray itself
+    assert not outside, outside
 
 
 def test_auth_on_every_route(servers):

@@ -169,7 +169,7 @@ def openai_messages(rec: Record) -> list[dict[str, Any]]:
         at = f"{where}: messages[{j}]"
         if not isinstance(m, dict) or "role" not in m:
             raise UserError(f"{at} needs 'role' and 'content'")
-        if m["role"] not in OPENAI_ROLES:
+        if not isinstance(m["role"], str) or m["role"] not in OPENAI_ROLES:
             raise UserError(f"{at} has role {m['role']!r}; use one of {sorted(OPENAI_ROLES)}")
         unknown = sorted(set(m) - MESSAGE_KEYS)
         if unknown:
@@ -177,10 +177,13 @@ def openai_messages(rec: Record) -> list[dict[str, Any]]:
                             f"remove it (known: {sorted(MESSAGE_KEYS)})")
         msg: dict[str, Any] = {"role": "system" if m["role"] == "developer" else m["role"],
                                "content": _text_content(m.get("content"), m, at)}
-        if isinstance(m.get("name"), str):
+        if "name" in m:
+            if not isinstance(m["name"], str):
+                raise UserError(f"{at}: 'name' must be a string (got {m['name']!r})")
             msg["name"] = m["name"]
         if "weight" in m:
-            if m["role"] != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], float):
+            w = m["weight"]
+            if m["role"] != "assistant" or isinstance(w, (bool, float)) or w not in (0, 1):
                 raise UserError(f"{at}: 'weight' is 0 or 1, on assistant messages only (got {m['weight']!r} "
                                 f"on {m['role']})")
             msg["weight"] = int(m["weight"])
@@ -294,7 +297,8 @@ def tokenize_records(records: Iterable[Record], fmt: str, tokenizer: Any, templa
     eos = tokenizer.eos_token_id
     for rec in records:
         conv = to_messages(rec, fmt)
-        h.update(json.dumps(conv, sort_keys=True, ensure_ascii=False).encode())
+        tools = rec.data.get("tools") if fmt == "messages" else None
+        h.update(json.dumps(conv if tools is None else [conv, tools], sort_keys=True, ensure_ascii=False).encode())
         if isinstance(conv, str):
             ids = encode(tokenizer, conv) + ([eos] if eos is not None else [])
             mask = [1] * len(ids)

@@ -104,16 +104,19 @@ def lora_config(cfg: TrainConfig, model):
 
 
 # -------------------------------------------------------------------------------------- the run
-def latest_complete_checkpoint(work: Path, log: LOG) -> str | None:
+def latest_complete_checkpoint(work: Path, log: LOG, remove_partial: bool = True) -> str | None:
     """The newest checkpoint the Trainer finished writing; a kill mid-save leaves a partial one.
 
     The Trainer writes a checkpoint in place and `trainer_state.json` last, so a checkpoint
-    without it was cut short: it is removed (the step is trained again) rather than loaded.
+    without it was cut short: it is removed (the step is trained again) rather than loaded
+    (by one process of a multi-process run: `remove_partial` on rank 0 only).
     """
     ckpts = sorted(work.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     while ckpts and not (ckpts[-1] / "trainer_state.json").is_file():
-        log(f"{ckpts[-1].name} was not finished (the run stopped while saving it): removing it")
-        shutil.rmtree(ckpts.pop())
+        if remove_partial:
+            log(f"{ckpts[-1].name} was not finished (the run stopped while saving it): removing it")
+            shutil.rmtree(ckpts[-1])
+        ckpts.pop()
     return str(ckpts[-1]) if ckpts else None
 
 
@@ -132,7 +135,11 @@ def finish_from_final_checkpoint(trainer, model, ckpt: Path, state) -> None:
 
 
 def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
+    """Train one adapter; returns its directory. Under `torchrun` / `accelerate launch` every
+    process runs this (data parallel, one global batch = per-device batch x processes x
+    accumulation); rank 0 alone logs, removes leftovers and writes the adapter."""
     import torch
+    from accelerate import PartialState
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, TrainerState, set_seed
 
@@ -141,18 +148,24 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     from train.data import read_records, split_eval, tokenize_records
     from train.sft import build_trainer
 
+    # the process group under torchrun / accelerate launch (gloo on CPU); alone: rank 0 of 1
+    state = PartialState(cpu=pick_device() == "cpu")
+    main = state.is_main_process
+    if not main:
+        log = lambda m: None  # noqa: E731 - one voice per run
     out = Path(cfg.output_dir)
     work = out.with_name(out.name + ".checkpoints")
     if out.exists() and not resume:
         raise UserError(f"output_dir {out} already exists; choose another, delete it, or pass --resume to continue")
-    for stale in leftovers(out) if resume else []:
+    for stale in leftovers(out) if resume and main else []:
         log(f"removing {stale.name}: left by a run stopped while writing {out.name}")
         shutil.rmtree(stale, ignore_errors=True)
     if out.exists():
         # The adapter is renamed into place only when complete: the run finished (a stop after
         # that left at most its checkpoints behind). Training again would replace it.
         log(f"{out} is already complete: nothing to resume")
-        shutil.rmtree(work, ignore_errors=True)
+        if main:
+            shutil.rmtree(work, ignore_errors=True)
         return out
     t_start = time.time()
     set_seed(cfg.training.seed)
@@ -195,7 +208,13 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
 
     work.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(cfg, model, tokenizer, rows, eval_rows, work, device, use_4bit)
-    last_ckpt = latest_complete_checkpoint(work, log) if resume else None
+    if state.num_processes > 1:
+        log(f"data parallel over {state.num_processes} processes ({state.distributed_type.value}, backend "
+            f"{state.backend}): global batch {t.per_device_train_batch_size * state.num_processes * t.gradient_accumulation_steps}")
+    if resume and main:
+        latest_complete_checkpoint(work, log)  # rank 0 removes a checkpoint cut short, the others wait
+    state.wait_for_everyone()
+    last_ckpt = latest_complete_checkpoint(work, log, remove_partial=False) if resume else None
     ckpt_state = TrainerState.load_from_json(str(Path(last_ckpt) / "trainer_state.json")) if last_ckpt else None
     start_step = ckpt_state.global_step if ckpt_state else 0
     if resume:
@@ -218,6 +237,10 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     # --- write the adapter directory in one piece
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tokens = trainer.seen_tokens
+    if state.num_processes > 1:
+        from accelerate.utils import reduce
+
+        tokens = int(reduce(torch.tensor(tokens), reduction="sum"))  # every process's tokens
     runtime = max(metrics.get("train_runtime", 1e-9), 1e-9)
     summary = {
         "steps": trainer.state.global_step,
@@ -231,6 +254,9 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     }
     from train.report import manifest, model_card, plot_losses
 
+    if not main:
+        state.wait_for_everyone()  # rank 0 writes the adapter
+        return out
     with atomic_dir(out, overwrite=resume) as tmp:
         # Weights and config only: an adapter adds no tokens, so the base's tokenizer applies.
         model.save_pretrained(tmp, safe_serialization=True)
@@ -243,6 +269,7 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
         plot_losses(history, tmp / "loss.png")
         (tmp / "README.md").write_text(model_card(man))
     shutil.rmtree(work, ignore_errors=True)
+    state.wait_for_everyone()
     log(f"done: adapter at {out} · {summary['steps']} steps in {summary['train_runtime_s']:.1f}s · "
         f"{summary['steps_per_s']:.3f} steps/s · {summary['tokens_per_s']:.0f} tokens/s · "
         f"peak RSS {summary['peak_rss_mb']:.0f} MB · train loss {final_train_loss:.4f}"
