@@ -164,6 +164,12 @@ class AutoscalingSection(_Strict):
 class ResourcesSection(_Strict):
     num_cpus: float = 1
     num_gpus: float = 0
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources each engine replica needs (Ray's `resources`, "
+        "e.g. {\"gpu-node\": 1}: engines only on nodes started with that resource).")
+    ingress_resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources of the split topology's ingress (e.g. a "
+        "resource only the head node has, to keep it beside the HTTP proxy).")
 
 
 class LimitsSection(_Strict):

@@ -119,6 +119,9 @@ class LocalBackend:
     def handle(self, req):
         return (self.replica or _REPLICA["replica"]).handle(req)
 
+    def replica_gone(self, e: BaseException) -> bool:
+        return False  # the replica is this process
+
     async def serve_asgi(self, req, receive, send, on_start):
         return await (self.replica or _REPLICA["replica"]).serve_asgi(req, receive, send, on_start)
 
@@ -144,6 +147,12 @@ class RayBackend:
                 yield ev
         finally:
             gen.cancel()  # the client went away or the answer ended: free the engine slot
+
+    def replica_gone(self, e: BaseException) -> bool:
+        """Ray's word that the replica's actor died or cannot be reached (its node is gone)."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        return isinstance(e, (RayActorError, ActorUnavailableError))
 
     async def unload(self, name):
         await self.deployment.unload.remote(name)
@@ -229,6 +238,7 @@ def build_app(cfg: ServeConfig, model_path: str, listen: tuple[str, int] | None 
     cfg_json = cfg.model_dump_json()
     max_resident = cfg.max_resident_adapters
     actor_options = {"num_cpus": cfg.resources.num_cpus, "num_gpus": cfg.resources.num_gpus,
+                     "resources": dict(cfg.resources.resources),
                      "runtime_env": {"env_vars": {"RAY_worker_niceness": "0", "TOKENIZERS_PARALLELISM": "false"}}}
     # Ray Serve replaces a replica whose check fails: a dead engine process fails it.
     health = dict(health_check_period_s=5, health_check_timeout_s=30)
@@ -280,7 +290,8 @@ def build_app(cfg: ServeConfig, model_path: str, listen: tuple[str, int] | None 
         def __del__(self):
             _shutdown(self.replica)
 
-    @serve.deployment(name="Ingress", num_replicas=1, ray_actor_options={"num_cpus": 0},
+    @serve.deployment(name="Ingress", num_replicas=1,
+                      ray_actor_options={"num_cpus": 0, "resources": dict(cfg.resources.ingress_resources)},
                       max_ongoing_requests=1000, graceful_shutdown_timeout_s=120)
     @serve.ingress(lambda: _split_front(cfg_json, model_path, plan))
     class Ingress:

@@ -20,4 +20,6 @@ class Metrics:
                               ["model"], registry=r, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))
         self.adapter_loads = Counter("lorafleet_adapter_loads", "Adapter loads into an engine", ["model"], registry=r)
         self.adapter_evictions = Counter("lorafleet_adapter_evictions", "Adapters evicted (LRU)", ["model"], registry=r)
+        self.retries = Counter("lorafleet_replica_retries", "Requests sent again because their replica was gone "
+                               "before answering", registry=r)
         self.in_flight = Gauge("lorafleet_requests_in_flight", "Requests being served", registry=r)

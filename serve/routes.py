@@ -46,6 +46,11 @@ class Backend(Protocol):
 
     def handle(self, req: ReplicaRequest) -> AsyncIterator[Start | bytes | End]: ...
 
+    def replica_gone(self, e: BaseException) -> bool:
+        """Whether `e` (raised before the replica's first event) says the replica itself is gone,
+        so the same request may go to another one."""
+        ...
+
     async def unload(self, name: str) -> None: ...
 
     async def health(self) -> None: ...
@@ -199,12 +204,9 @@ class OpenAIRoute:
     async def _relay(self, req: ReplicaRequest, model: str, scope, receive, send, t0: float) -> int:
         """Send the replica's answer to the client; returns the status it had."""
         fe, m = self.fe, self.fe.metrics
-        events = fe.backend.handle(req)
         try:
-            start = await events.__anext__()
+            events, start = await self._start(req)
         except Exception as e:
-            with contextlib.suppress(Exception):
-                await events.aclose()
             err = self._failed(req, e)
             await err.response()(scope, receive, send)
             return err.status
@@ -251,6 +253,23 @@ class OpenAIRoute:
             with contextlib.suppress(Exception):
                 await events.aclose()
         return status
+
+    async def _start(self, req: ReplicaRequest) -> tuple[AsyncIterator[Start | bytes | End], Start]:
+        """The replica's answer and its first event. A replica that is gone before it answered (its
+        node died, it was killed) has sent the client nothing: the request goes once more, to
+        whichever replica the router picks now. Anything else is the caller's error to report."""
+        for attempt in (1, 2):
+            events = self.fe.backend.handle(req)
+            try:
+                return events, await events.__anext__()
+            except Exception as e:
+                with contextlib.suppress(Exception):
+                    await events.aclose()
+                if attempt == 2 or not self.fe.backend.replica_gone(e):
+                    raise
+                self.fe.metrics.retries.inc()
+                log.warning("the replica was gone before answering (%s): sending the request again", type(e).__name__)
+        raise AssertionError("unreachable")
 
     def _count_adapter_work(self, model: str, loaded: bool, evicted: list[str]) -> None:
         if loaded:

@@ -53,6 +53,9 @@ class FakeReplica:
     async def unload(self, name):
         self.unloaded.append(name)
 
+    def replica_gone(self, e):
+        return isinstance(e, ReplicaGone)
+
     async def serve_asgi(self, req, receive, send, on_start):
         """The in-process path (fused topology): the answer goes straight to the client's send."""
         events = self.handle(req)
@@ -71,6 +74,10 @@ class FakeReplica:
     async def health(self):
         if self.dead:
             raise RuntimeError("engine process died")
+
+
+class ReplicaGone(Exception):
+    """What RayBackend.replica_gone recognises (Ray's actor errors), for the fakes."""
 
 
 class RemoteReplica(FakeReplica):
@@ -221,6 +228,31 @@ def test_a_dead_replica_is_a_retryable_503(front):
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
     front.replica.dead = True
     assert front.client.get("/health").status_code == 503
+
+
+def test_a_replica_gone_before_answering_is_retried_once(front):
+    """Relayed (split topology): the request goes again when its replica was gone before it
+    sent anything; a second loss is the client's 503."""
+    if hasattr(front.replica, "serve_asgi"):
+        pytest.skip("in-process: the replica is this process")
+    answer, losses = front.replica.handle, []
+
+    def losing(n):
+        async def handle(req):
+            if len(losses) < n:
+                losses.append(req)
+                raise ReplicaGone("the replica's node died")
+            async for ev in answer(req):
+                yield ev
+        return handle
+
+    front.replica.handle = losing(1)
+    r = post(front, "/v1/chat/completions", {"model": "alpha"})
+    assert r.status_code == 200 and r.json()["adapter"] == "alpha" and len(losses) == 1
+    assert "lorafleet_replica_retries_total 1.0" in front.client.get("/metrics").text
+    losses.clear()
+    front.replica.handle = losing(2)
+    assert post(front, "/v1/chat/completions", {"model": "alpha"}).status_code == 503 and len(losses) == 2
 
 
 def test_admin_load_unload_rescan(front, tiny_base, tmp_path):
