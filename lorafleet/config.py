@@ -221,6 +221,10 @@ class ServeConfig(_Strict):
     topology: Literal["auto", "fused", "split"] = Field(
         "auto", description="fused: HTTP and engine in one replica (one hop less, one replica); split: an "
                             "ingress routes to autoscaled engine replicas; auto: fused when max_replicas is 1.")
+    adapter_routing: Literal["affinity", "random"] = Field(
+        "affinity", description="split topology: affinity sends an adapter's requests to replicas that already "
+                                "hold it (Ray Serve's model multiplexing); random lets the router ignore the adapter "
+                                "(least-loaded of two random replicas): the baseline bench/cluster.py compares with.")
     http_listener: Literal["auto", "replica", "proxy"] = Field(
         "auto", description="Who takes HTTP connections on host:port. proxy: Ray Serve's HTTP proxy; replica: "
                             "the fused replica itself, as vLLM's server does (one process hop less per streamed "

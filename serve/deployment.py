@@ -133,14 +133,15 @@ class LocalBackend:
 
 
 class RayBackend:
-    """Engine replicas behind a Ray Serve deployment handle. The adapter's name is the request's
-    multiplexed model id, so Ray Serve routes it to a replica that holds that adapter."""
+    """Engine replicas behind a Ray Serve deployment handle. With `affinity` the adapter's name is
+    the request's multiplexed model id, so Ray Serve routes it to a replica that holds that
+    adapter; without, the router ignores the adapter."""
 
-    def __init__(self, deployment):
-        self.deployment = deployment
+    def __init__(self, deployment, affinity: bool = True):
+        self.deployment, self.affinity = deployment, affinity
 
     async def handle(self, req):
-        name = req.adapter.name if req.adapter is not None else ""
+        name = req.adapter.name if req.adapter is not None and self.affinity else ""
         gen = self.deployment.options(stream=True, multiplexed_model_id=name).handle.remote(req)
         try:
             async for ev in gen:
@@ -309,7 +310,8 @@ def _split_front(cfg_json: str, model_path: str, plan: dict[str, Any]):
     from serve.routes import build_app as build_http
 
     handle = serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
-    fe = build_frontend(ServeConfig.model_validate_json(cfg_json), model_path, RayBackend(handle), max_model_len=0,
+    cfg = ServeConfig.model_validate_json(cfg_json)
+    fe = build_frontend(cfg, model_path, RayBackend(handle, affinity=cfg.adapter_routing == "affinity"), max_model_len=0,
                         max_lora_rank=plan["max_lora_rank"])
     _REPLICA["frontend"] = fe
     app = build_http(fe)

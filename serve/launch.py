@@ -94,7 +94,10 @@ def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = T
         if k in os.environ:
             env[k] = os.environ[k]
     if not ray.is_initialized():
-        ray.init(address=cfg.address, include_dashboard=False, log_to_driver=True,
+        # "local": a Ray of its own. Left unset, ray.init attaches to any Ray it finds running on
+        # this machine (`ray start`'s, another user's), which is not what an unset address means.
+        own = starts_own_ray(cfg.address, os.environ)
+        ray.init(address="local" if own else cfg.address, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": env}, ignore_reinit_error=True)
     if listen:  # the replica takes the connections: Ray Serve starts no HTTP proxy
         serve.start(proxy_location="Disabled")

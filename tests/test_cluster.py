@@ -15,7 +15,7 @@ import openai
 import psutil
 import pytest
 
-from netns_cluster import NetnsCluster, available, wait_for
+from bench.netns_cluster import NetnsCluster, available, wait_for
 from servers import ENGINE_FLAGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
