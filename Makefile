@@ -10,7 +10,7 @@ export RAY_worker_niceness := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv test test-slow demo bench base reliability k8s-check gpu-resolution image-cpu clean lint
+.PHONY: venv test test-slow demo bench base reliability cluster-demo bench-cluster k8s-check gpu-resolution image-cpu clean lint
 venv: $(STAMP)
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV) $(PYTHON)
@@ -33,6 +33,13 @@ bench: venv
 
 reliability: venv
 	$(PY) bench/reliability.py
+
+# Three hosts (network namespaces, as root): Ray with token auth, serve across them, kills.
+cluster-demo: venv
+	$(PY) -m pytest -m slow -q -s tests/test_cluster.py
+
+bench-cluster: venv
+	$(PY) bench/cluster.py
 
 k8s-check: venv
 	$(PY) -m lorafleet.k8s_check

@@ -173,14 +173,26 @@ def group_rows(indices: torch.Tensor) -> tuple[list[tuple[int, torch.Tensor | No
     return [(s, (indices == s).nonzero().squeeze(1)) for s in slots], len(ids)
 
 
+_STOCK: dict[str, object] = {}  # vLLM's own get_punica_wrapper, while ours replaces it
+
+
 def register() -> None:
-    """vLLM general-plugin entry point: runs in every vLLM process, before the model is built."""
-    if os.environ.get("LORAFLEET_LORA_KERNEL", "grouped") == "stock":
-        return
+    """vLLM general-plugin entry point: runs in every vLLM process, before the model is built.
+    LORAFLEET_LORA_KERNEL=stock keeps (or, in a process that registered before, puts back) vLLM's."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        return  # GPUs keep vLLM's fused punica kernels
+    platform = type(current_platform)
+    if os.environ.get("LORAFLEET_LORA_KERNEL", "grouped") == "stock":
+        if "get_punica_wrapper" in _STOCK:
+            own = _STOCK.pop("get_punica_wrapper")
+            if own is None:  # it was inherited: drop ours, the base class's shows again
+                del platform.get_punica_wrapper
+            else:
+                platform.get_punica_wrapper = own
+        return
+    if not current_platform.is_cpu() or "get_punica_wrapper" in _STOCK:
+        return  # GPUs keep vLLM's fused punica kernels; registered already
     if current_platform.get_punica_wrapper() != "vllm.lora.punica_wrapper.punica_cpu.PunicaWrapperCPU":
         return  # a vLLM whose CPU path changed: do not guess
-    type(current_platform).get_punica_wrapper = classmethod(lambda cls: QUALNAME)
+    _STOCK["get_punica_wrapper"] = platform.__dict__.get("get_punica_wrapper")
+    platform.get_punica_wrapper = classmethod(lambda cls: QUALNAME)
