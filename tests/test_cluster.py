@@ -174,3 +174,14 @@ def test_a_worker_host_dies_and_the_survivor_serves(cluster):
     assert all(o == "ok" for o in out["plain"]), out["plain"]
     assert set(out["streamed"]) <= {"ok", "error event"}, out["streamed"]
     assert {m.id for m in client.models.list().data} == models
+
+
+def test_a_local_server_beside_a_running_cluster_starts_its_own_ray(cluster, tiny_base, tmp_path):
+    """Unset `address` means a Ray of its own: ray.init alone would attach to the cluster's
+    gcs_server it finds among this machine's processes (and fail on its token)."""
+    from servers import lorafleet_serve
+
+    with lorafleet_serve(["--model", str(tiny_base), "--served-model-name", "solo"], tmp_path, ROOT) as (url, _, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["solo"]
+        assert _ask(client, "solo") == "ok"
