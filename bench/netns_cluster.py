@@ -18,9 +18,10 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from lorafleet.net import wait_for  # noqa: F401 - the harness's users wait with it
 
 SUBNET = "10.231.7"
 BRIDGE = "lfbr0"
@@ -156,14 +157,3 @@ class NetnsCluster:
 
     def __exit__(self, *exc) -> None:
         self.destroy_network()
-
-
-def wait_for(check, timeout: float, what: str, poll: float = 1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(poll)
-    raise TimeoutError(f"{what} not reached in {timeout:.0f}s (last: {last!r})")

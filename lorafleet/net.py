@@ -17,6 +17,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def wait_for(check, timeout: float, what: str, poll: float = 1.0):
+    """Call `check()` every `poll` s until it returns something true (returned); TimeoutError
+    naming `what` and the last value after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(poll)
+    raise TimeoutError(f"{what} not reached in {timeout:.0f}s (last: {last!r})")
+
+
 def wait_until_serving(url: str, proc: subprocess.Popen, log: Path | None = None, timeout: float = 600,
                        poll_s: float = 1.0) -> float:
     """Seconds until the OpenAI-compatible server at `url` answers `GET /v1/models`.

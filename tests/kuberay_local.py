@@ -19,14 +19,13 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
-from lorafleet.net import free_port
+from lorafleet.net import free_port, wait_for as wait_until  # noqa: F401 - for the tests
 
 KUBERAY_AGENT_PORT = 52365  # utils.DefaultDashboardAgentListenPort
 
@@ -151,14 +150,3 @@ def copy_model(src: Path, dest: Path) -> None:
     tmp = dest.parent / f".{dest.name}.tmp"
     shutil.copytree(src, tmp)
     tmp.rename(dest)
-
-
-def wait_until(check, timeout: float, what: str, poll: float = 2.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(poll)
-    raise TimeoutError(f"{what} not reached in {timeout:.0f}s (last: {last!r})")
