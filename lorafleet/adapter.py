@@ -151,6 +151,11 @@ class AdapterInfo:
     def kinds(self) -> set[str]:
         return {parse_tensor_key(k).kind for k in self.tensors}
 
+    @property
+    def full_modules(self) -> list[str]:
+        """Modules the adapter carries whole (modules_to_save copies, resized embeddings)."""
+        return sorted({key.module for key in map(parse_tensor_key, self.tensors) if key.kind == "full"})
+
     def vocab_size(self) -> int | None:
         """Rows of the embedding matrix the adapter carries (resized vocabularies), else None."""
         for k, shape in self.tensors.items():
@@ -329,8 +334,7 @@ def unsupported(info: AdapterInfo, target: str, max_lora_rank: int | None = None
         raise ValueError(f"target {target!r}: one of {TARGETS}")
     if target == "vllm":
         return _vllm_refusal(info, max_lora_rank)
-    c, kinds = info.lora, info.kinds
-    init = info.init
+    c, kinds, init = info.lora, info.kinds, info.init
     if init and (init.startswith("pissa_niter") or not init.startswith(_RECOMPUTED_INITS)):
         return (f"init_lora_weights={c.init_lora_weights!r}: the adapter is relative to a base PEFT changed when "
                 f"it made it, which PEFT cannot rebuild from the original base; {_CONVERT_HINT}")
@@ -348,8 +352,7 @@ def unsupported(info: AdapterInfo, target: str, max_lora_rank: int | None = None
         ("lora_embedding_A" in kinds, "LoRA on embeddings (lora_embedding_A/B)"),
         (getattr(c, "trainable_token_indices", None), "trainable_token_indices (trained token rows)"),
         (c.modules_to_save, f"modules_to_save {c.modules_to_save} (whole-module copies)"),
-        ("full" in kinds, "whole-module tensors (" + ", ".join(sorted({parse_tensor_key(k).module for k in info.tensors
-                                                                    if parse_tensor_key(k).kind == "full"})) + ")"),
+        (info.full_modules, f"whole-module tensors ({', '.join(info.full_modules)})"),
         (c.bias != "none", f"bias={c.bias!r} (trained base biases)"),
         (c.lora_bias, "lora_bias (a bias on lora_B)"),
         (c.fan_in_fan_out, "fan_in_fan_out (Conv1D layers)"),
