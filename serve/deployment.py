@@ -48,9 +48,9 @@ def bind_replica_grpc_to_node_ip() -> None:
     replica module is Ray's, so this wraps only that one call and leaves others as they are."""
     from ray.serve._private import replica
 
-    add_port = replica.add_port_to_grpc_server
-    if getattr(add_port, "binds_node_ip", False):
-        return
+    add_port = getattr(replica, "add_port_to_grpc_server", None)
+    if add_port is None or getattr(add_port, "binds_node_ip", False):
+        return  # another Ray Serve (nothing to wrap), or wrapped already
 
     def add_port_at_node_ip(server, address):
         if address == "[::]:0":
