@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench.common import ROOT, bars, save, table  # noqa: E402
-from bench.netns_cluster import NetnsCluster, available, wait_for  # noqa: E402
-from lorafleet.net import stop_server, wait_until_serving  # noqa: E402
+from bench.netns_cluster import NetnsCluster, available  # noqa: E402
+from lorafleet.net import stop_server, wait_for, wait_until_serving  # noqa: E402
 
 ADAPTERS = [f"domain{i}" for i in range(6)]
 PORT = 8000

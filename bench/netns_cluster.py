@@ -21,8 +21,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.net import wait_for  # noqa: F401 - the harness's users wait with it
-
 SUBNET = "10.231.7"
 BRIDGE = "lfbr0"
 GCS_PORT = 6379

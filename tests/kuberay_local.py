@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import yaml
 
-from lorafleet.net import free_port, wait_for as wait_until  # noqa: F401 - for the tests
+from lorafleet.net import free_port
 
 KUBERAY_AGENT_PORT = 52365  # utils.DefaultDashboardAgentListenPort
 

@@ -15,7 +15,8 @@ import openai
 import psutil
 import pytest
 
-from bench.netns_cluster import NetnsCluster, available, wait_for
+from bench.netns_cluster import NetnsCluster, available
+from lorafleet.net import stop_server, wait_for
 from servers import ENGINE_FLAGS
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -71,11 +72,7 @@ def cluster(tiny_base, tmp_path_factory):
             assert proc.poll() is None, (work / "serve.log").read_text()[-3000:]
             yield c, url, proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc, grace_s=60)
 
 
 def _ready(url: str) -> bool:

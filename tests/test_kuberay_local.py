@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
-from kuberay_local import LocalRayService, copy_model, local_serve_config, wait_until
+from kuberay_local import LocalRayService, copy_model, local_serve_config
 from lorafleet import k8s_check as kc
-from lorafleet.net import free_port
+from lorafleet.net import free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 MSGS = [{"role": "user", "content": "What is the warranty of the Kestrel K9?"}]
@@ -45,9 +45,9 @@ def test_rayservice_comes_up_waits_for_its_model_and_serves_later_adapters(tiny_
         time.sleep(20)  # the model is not on the volume yet: the app waits, it does not fail
         assert svc.app_status() in ("NOT_STARTED", "DEPLOYING"), svc.app_status()
         copy_model(tiny_base, models / "base")
-        wait_until(lambda: svc.app_status() == "RUNNING", 900, "the app RUNNING")
+        wait_for(lambda: svc.app_status() == "RUNNING", 900, "the app RUNNING")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-user", max_retries=0)
-        wait_until(lambda: _answers(client, "base"), 300, "an answer from the base")
+        wait_for(lambda: _answers(client, "base"), 300, "an answer from the base")
         assert client.chat.completions.create(model="alpha", messages=MSGS, max_tokens=4).choices
         # an adapter copied in later, at a rank above any present at start, is served
         make_random_adapter(tiny_base, adapters / "wide", seed=2, r=32)

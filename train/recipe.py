@@ -149,7 +149,8 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     from train.sft import build_trainer
 
     # the process group under torchrun / accelerate launch (gloo on CPU); alone: rank 0 of 1
-    state = PartialState(cpu=pick_device() == "cpu")
+    device = pick_device()
+    state = PartialState(cpu=device == "cpu")
     main = state.is_main_process
     if not main:
         log = lambda m: None  # noqa: E731 - one voice per run
@@ -196,7 +197,6 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     log(msg)
 
     # --- model
-    device = pick_device()
     use_4bit = decide_quantization(cfg, device, log)
     model = load_base(model_ref, cfg, device, use_4bit)
     if use_4bit:
