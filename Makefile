@@ -10,7 +10,7 @@ export RAY_worker_niceness := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv test test-slow demo bench base reliability cluster-demo bench-cluster k8s-check gpu-resolution image-cpu clean lint
+.PHONY: venv test test-slow demo bench base reliability recovery quality cluster-demo bench-cluster k8s-check gpu-resolution image-cpu clean lint
 venv: $(STAMP)
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV) $(PYTHON)
@@ -33,6 +33,14 @@ bench: venv
 
 reliability: venv
 	$(PY) bench/reliability.py
+
+# A lone replica's way back after its engine dies, phase by phase, old and new behaviour in one run.
+recovery: venv
+	$(PY) bench/recovery.py --repeats 2
+
+# Time to learn the 20 legal facts: lorafleet's defaults vs the seed tutorial's recipe.
+quality: venv
+	$(PY) bench/quality.py
 
 # Three hosts (network namespaces, as root): Ray with token auth, serve across them, kills.
 cluster-demo: venv

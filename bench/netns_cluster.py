@@ -26,6 +26,9 @@ BRIDGE = "lfbr0"
 GCS_PORT = 6379
 DASHBOARD_PORT = 8265
 RAY = str(Path(sys.executable).parent / "ray")
+# What every node's Ray processes get besides the cluster's token (RAY_AUTH_TOKEN), as KubeRay's
+# token auth gives every pod RAY_AUTH_MODE and the token (lorafleet.k8s_check compares the RayService).
+NODE_ENV = {"RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -91,11 +94,21 @@ class NetnsCluster:
     def dashboard(self) -> str:
         return f"http://{self.head.ip}:{DASHBOARD_PORT}"
 
+    def placement_sets(self) -> list[str]:
+        """The `lorafleet serve --set` values that place the app on this cluster: its address, the
+        split topology, the ingress on the head (its resource), engines where the CPUs are (the head
+        has none). tests/test_cluster.py and bench/cluster.py serve with them; lorafleet.k8s_check
+        holds the RayService to them."""
+        return [f"address={self.address}", "topology=split",
+                f'resources.ingress_resources={{"{self.head.resource}": 0.001}}']
+
+    def serve_args(self) -> list[str]:
+        return [w for s in self.placement_sets() for w in ("--set", s)]
+
     def env(self, **extra: str) -> dict[str, str]:
         """What every Ray process of the cluster gets (as KubeRay's token auth gives every pod)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_worker_niceness="0",
-                   TOKENIZERS_PARALLELISM="false", **extra)
+        env.update(**NODE_ENV, RAY_AUTH_TOKEN=self.token, **extra)
         return env
 
     # ------------------------------------------------------------------ network
@@ -121,16 +134,20 @@ class NetnsCluster:
         _ip("link", "del", BRIDGE, check=False)
 
     # ------------------------------------------------------------------ Ray
+    def start_argv(self, h: Host) -> list[str]:
+        """The `ray start` command of a host (lorafleet.k8s_check compares the RayService's with these)."""
+        argv = [RAY, "start", f"--node-ip-address={h.ip}", f"--num-cpus={0 if h is self.head else self.cpus}",
+                f'--resources={{"{h.resource}": 1}}', "--disable-usage-stats"]
+        if h is self.head:
+            argv += ["--head", f"--port={GCS_PORT}", f"--dashboard-host={h.ip}",
+                     f"--dashboard-port={DASHBOARD_PORT}"]
+        else:
+            argv += [f"--address={self.address}"]
+        return argv
+
     def start_ray(self) -> None:
         for h in self.hosts:
-            argv = [RAY, "start", f"--node-ip-address={h.ip}", f"--num-cpus={0 if h is self.head else self.cpus}",
-                    f'--resources={{"{h.resource}": 1}}', "--disable-usage-stats"]
-            if h is self.head:
-                argv += ["--head", f"--port={GCS_PORT}", f"--dashboard-host={h.ip}",
-                         f"--dashboard-port={DASHBOARD_PORT}"]
-            else:
-                argv += [f"--address={self.address}"]
-            r = h.run(argv, self.env(), timeout=180)
+            r = h.run(self.start_argv(h), self.env(), timeout=180)
             if r.returncode != 0:
                 raise RuntimeError(f"ray start on {h.name} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
 

@@ -98,6 +98,44 @@ def export_onnx(model: str = typer.Option(..., help="Merged model directory, or 
         adapters=adapters or None, allow_pickle=allow_pickle)
 
 
+@app.command("eval")
+@user_errors
+def eval_cmd(target: str = typer.Argument(..., help="Adapter directory, model directory or id; with --url, a served "
+                                                    "model id (an adapter's name)."),
+             data: str = typer.Option(..., help="Held-out records (any training format, or preference pairs)."),
+             base: bool = typer.Option(False, "--base", help="Also answer with the base model and compare."),
+             url: Optional[str] = typer.Option(None, help="Ask a served OpenAI-compatible endpoint instead of "
+                                                          "loading the model here (e.g. http://127.0.0.1:8000)."),
+             api_key: Optional[str] = typer.Option(None, help="The endpoint's key (default: LORAFLEET_API_KEY)."),
+             base_model: Optional[str] = typer.Option(None, help="The base to compare with: a model path/id, or the "
+                                                                 "served base's id with --url (default: the adapter's "
+                                                                 "recorded base, or the server's)."),
+             out: Optional[Path] = typer.Option(None, help="Report directory (default: eval/<name>)."),
+             data_format: str = typer.Option("auto", "--format", help="Record format, as data.format in training."),
+             limit: Optional[int] = typer.Option(None, help="Only the first N records."),
+             max_new_tokens: int = typer.Option(64, help="Longest answer, in tokens."),
+             judge_url: Optional[str] = typer.Option(None, help="An OpenAI-compatible endpoint whose model judges "
+                                                                "each answer against the expected one."),
+             judge_model: Optional[str] = typer.Option(None, help="The judge's model id on --judge-url."),
+             judge_api_key: Optional[str] = typer.Option(None, help="The judge endpoint's key."),
+             record: bool = typer.Option(True, help="Write the summary into the adapter's lorafleet.json (what "
+                                                    "registry.require_eval reads).")):
+    """Answer held-out questions with an adapter (and its base), score them, write eval.json + a report."""
+    from lorafleet.evaluation.run import evaluate, metric_cell, metric_names
+
+    if bool(judge_url) != bool(judge_model):
+        raise UserError("an LLM judge needs both --judge-url and --judge-model")
+    name = Path(target.rstrip("/")).name or "model"
+    report = evaluate(target, data, out or Path("eval") / name, with_base=base, url=url, api_key=api_key,
+                      base_model=base_model, fmt=data_format, limit=limit, max_new_tokens=max_new_tokens,
+                      judge={"url": judge_url, "model": judge_model, "api_key": judge_api_key} if judge_url else None,
+                      record=record, log=log)
+    whos = [w for w in ("base", "adapter") if w in report["totals"]]
+    for m in metric_names(report):
+        log(f"{m:12s} " + "   ".join(f"{w} {metric_cell(report, w, m)}" for w in whos))
+    log(f"report: {out or Path('eval') / name}/eval.md")
+
+
 @app.command("fetch-model")
 @user_errors
 def fetch_model_cmd(source: str = typer.Argument(..., help="org/name (HF hub), s3://bucket/prefix, or a directory."),

@@ -73,13 +73,24 @@ class LoraSection(_Strict):
 
 
 class TrainingSection(_Strict):
+    method: Literal["sft", "dpo", "kto", "orpo"] = Field(
+        "sft", description="sft: supervised fine-tuning on answers. dpo / kto / orpo: preference tuning with trl's "
+                           "trainers on prompt/chosen/rejected pairs (kto also on prompt/completion/label); ORPO is "
+                           "experimental in trl 1.16 (trl.experimental). dpo and kto start from "
+                           "`adapter_name_or_path` (the SFT adapter) when given, with it as the reference model.")
+    beta: float = Field(0.1, gt=0, description="dpo/kto/orpo: trl's beta (how far from the reference the policy may "
+                                              "move; ORPO's weight of the odds-ratio term).")
     num_train_epochs: float = 3.0
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: run all epochs).")
     per_device_train_batch_size: int = Field(4, ge=1)
     per_device_eval_batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler_type: str = "cosine"
+    lr_scheduler_type: str = Field(
+        "constant", description="transformers' scheduler name. constant, as QLoRA trains (Dettmers et al. 2023; its "
+                                "repository's default): a decaying schedule (cosine, linear) spends the last part of a "
+                                "short run at a learning rate too low to learn small datasets; bench/quality.py "
+                                "measures it. cosine or linear for long runs on large data.")
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -99,6 +110,10 @@ class TrainingSection(_Strict):
     lean_loss: bool = Field(True, description="Plain masked cross-entropy; false: trl's loss, which also logs "
                             "entropy and token accuracy over the vocabulary every step (slower).")
     dataloader_num_workers: int = 0
+    generation_check: int = Field(
+        20, ge=0, description="After training, the adapter answers up to this many eval records (or training records "
+                              "when there is no eval split) greedily; the score and a hint when answers do not come "
+                              "back go to the log and the manifest. 0: skip.")
 
 
 class TrainConfig(_Strict):
@@ -114,6 +129,9 @@ class TrainConfig(_Strict):
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     lora: LoraSection = Field(default_factory=LoraSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
+    adapter_name_or_path: str | None = Field(
+        None, description="An existing PEFT adapter of this base to continue from (e.g. the SFT adapter DPO starts "
+                          "from); its LoRA settings replace `lora`.")
     output_dir: str = Field(description="Where the adapter directory is written (atomically).")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the base model (off: untrusted).")
 
@@ -180,6 +198,27 @@ class LimitsSection(_Strict):
     max_adapter_bytes: int = Field(2 * 1024**3, description="Largest adapter file accepted from a source.")
 
 
+class RequireEval(_Strict):
+    metric: Literal["exact_match", "contains", "fact_match", "rougeL", "chrf", "judge"] = Field(
+        "fact_match", description="Which metric of the adapter's recorded evaluation (lorafleet eval) is compared.")
+    min: float | None = Field(None, ge=0, le=1, description="The least mean score (0-1) an adapter must have.")
+    beats_base: bool = Field(False, description="The adapter's score must be above its base's on the same items "
+                                                "(an evaluation made with --base).")
+
+    @model_validator(mode="after")
+    def _something(self) -> "RequireEval":
+        if self.min is None and not self.beats_base:
+            raise ValueError("require_eval needs `min` (a score 0-1), `beats_base: true`, or both")
+        return self
+
+
+class RegistrySection(_Strict):
+    require_eval: RequireEval | None = Field(
+        None, description="A promotion gate: adapters whose recorded evaluation (lorafleet.json's `eval`, written by "
+                          "`lorafleet eval`) misses it are refused with 422 naming the numbers, and the rescan lists "
+                          "them with the reason. Unset: no gate.")
+
+
 class ServeConfig(_Strict):
     """A deployment: `lorafleet serve CONFIG.yaml` (or flags alone)."""
 
@@ -187,6 +226,7 @@ class ServeConfig(_Strict):
     served_model_name: str | None = Field(None, description="The base model's id in the API (default: `model`).")
     adapters: list[str] = Field(default_factory=list, description="Adapter sources: dirs, s3://…, hf://…")
     max_resident_adapters: int = Field(8, ge=1, description="Loaded at once per replica; LRU beyond.")
+    registry: RegistrySection = Field(default_factory=RegistrySection)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     address: str | None = Field(None, description="Existing Ray cluster; unset starts a local one.")

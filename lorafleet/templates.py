@@ -115,6 +115,20 @@ def split_prompt_completion(tokenizer: Any, template: str, messages: list[dict[s
     return ids, mask, last_prompt
 
 
+def prompt_and_answer(tokenizer: Any, template: str, prompt: list[dict[str, Any]], answer: str,
+                      tools: list[dict[str, Any]] | None = None, where: str = "record") -> tuple[str, str]:
+    """(the prompt's text with the generation prompt, the answer's text as the template writes it
+    after it, end of turn included): the split `split_prompt_completion` makes, for one answer.
+    Raises UserError naming `where` when the template does not render the answer after the prompt."""
+    prompt_text = render(tokenizer, template, prompt, add_generation_prompt=True, tools=tools)
+    full = render(tokenizer, template, [*prompt, {"role": "assistant", "content": answer}],
+                  add_generation_prompt=False, tools=tools)
+    if not full.startswith(prompt_text):
+        raise UserError(f"{where}: the template does not render the answer after the prompt, so answer tokens "
+                        "cannot be told from prompt tokens; use `template: seed` or another chat template")
+    return prompt_text, full[len(prompt_text):]
+
+
 def end_of_turn_ids(tokenizer: Any, template: str) -> list[int]:
     """Token ids that end an assistant turn in `template`: the special token the template writes
     right after an assistant message (`<|im_end|>` for ChatML, `<|eot_id|>` for Llama 3, EOS for

@@ -22,11 +22,13 @@ the HTTP connections itself (serve/listener.py), so Ray Serve's proxy is left ou
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -98,7 +100,7 @@ def build_frontend(cfg: ServeConfig, model_path: str, backend: Any, max_model_le
     registry = AdapterRegistry(cfg.adapters, cache_dir=cache_root() / "adapters", base_shapes=module_shapes(model_path),
                                base_fingerprint=fp, max_lora_rank=max_lora_rank, allow_pickle=cfg.allow_pickle,
                                max_adapter_bytes=cfg.limits.max_adapter_bytes,
-                               base_name=cfg.served_model_name or cfg.model)
+                               base_name=cfg.served_model_name or cfg.model, require_eval=cfg.registry.require_eval)
     registry.scan()
     for name, why in registry.rejected.items():
         log.warning("adapter %s is not served: %s", name, why)
@@ -173,6 +175,10 @@ def _log_to_stderr() -> None:
         lf.setLevel(logging.INFO)
 
 
+# LORAFLEET_ENGINE_RESTART=replica: a fused replica whose engine dies ends, and Ray Serve starts
+# a new one, instead of starting a new engine in place (bench/recovery.py compares the two).
+RESTART_SETTING = "LORAFLEET_ENGINE_RESTART"
+
 # What a replica builds (its OpenAIReplica and the engine's watch; in the fused one also the
 # front and its listener), for the deployment class's own methods (health check, drain,
 # teardown), which have no other way to reach it. One replica per process.
@@ -180,15 +186,23 @@ _REPLICA: dict[str, Any] = {}
 
 
 class EngineWatch:
-    """Ends this replica's process when its vLLM engine dies, as vLLM's own server does.
+    """Acts when this replica's vLLM engine dies (vLLM does not restart a dead engine process).
 
-    vLLM does not restart a dead engine process, so until the replica is replaced every request
-    fails. Left to the health check, Ray Serve replaces it after three failed checks 5 s apart
-    (about 15 s more of errors); a replica whose process has ended is replaced at once.
+    With `restart` (the fused topology: one replica, nothing else to send requests to), a new
+    engine is started in this process, up to `max_restarts` times in `window_s`: the replica's
+    process, its imports and its listener stay, so it answers again sooner than a new replica
+    would (bench/recovery.py). Otherwise, or past that budget (a crash loop), the process ends,
+    as vLLM's own server does, and Ray Serve starts a new replica; left to the health check it
+    would replace it only after three failed checks 5 s apart (about 15 s more of errors).
     """
 
-    def __init__(self, engine: Any, poll_s: float = 0.5, exit: Callable[[int], None] = os._exit):
-        self.engine, self.poll_s, self._exit = engine, poll_s, exit
+    def __init__(self, replica: Any, poll_s: float = 0.5, exit: Callable[[int], None] = os._exit,
+                 restart: Callable[[], Any] | None = None, loop: asyncio.AbstractEventLoop | None = None,
+                 max_restarts: int = 3, window_s: float = 600.0):
+        self.replica, self.poll_s, self._exit = replica, poll_s, exit
+        self.restart, self.loop = restart, loop
+        self.max_restarts, self.window_s = max_restarts, window_s
+        self.restarts: list[float] = []
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="lorafleet-engine-watch", daemon=True)
         self.thread.start()
@@ -197,7 +211,9 @@ class EngineWatch:
 
     def _watch(self) -> None:
         while not self.stopping.wait(self.poll_s):
-            if self.engine.dead and not self.stopping.is_set():
+            if self.replica.dead and not self.stopping.is_set():
+                if self._restart_in_place():
+                    continue
                 log.error("the vLLM engine process has died: ending this replica so that Ray Serve starts a new one")
                 for h in logging.getLogger("lorafleet").handlers:
                     h.flush()
@@ -205,13 +221,30 @@ class EngineWatch:
                 self._exit(70)
                 return
 
+    def _restart_in_place(self) -> bool:
+        now = time.monotonic()
+        self.restarts = [t for t in self.restarts if now - t < self.window_s]
+        if self.restart is None or self.loop is None or len(self.restarts) >= self.max_restarts:
+            return False
+        self.restarts.append(now)
+        log.error("the vLLM engine process has died: starting a new one in this replica (%d of at most %d in %.0f s)",
+                  len(self.restarts), self.max_restarts, self.window_s)
+        try:
+            asyncio.run_coroutine_threadsafe(self.replica.restart_engine(self.restart), self.loop).result()
+        except Exception as e:  # a new engine that cannot start: a new replica may
+            log.error("the new engine did not start (%s)", e)
+            return False
+        log.info("a new engine answers in this replica")
+        return True
+
     def stop(self) -> None:
         """Before the engine is shut down on purpose."""
         self.stopping.set()
 
 
-async def _make_replica(cfg_json: str, model_path: str, plan: dict[str, Any]):
-    """This process's engine and vLLM's OpenAI serving over it (serve/openai_serving.py)."""
+async def _make_replica(cfg_json: str, model_path: str, plan: dict[str, Any], restart_in_place: bool = False):
+    """This process's engine and vLLM's OpenAI serving over it (serve/openai_serving.py).
+    `restart_in_place`: a dead engine is replaced in this process (EngineWatch)."""
     import torch
 
     from lorafleet.models import cache_root
@@ -224,7 +257,10 @@ async def _make_replica(cfg_json: str, model_path: str, plan: dict[str, Any]):
     engine = start_engine(args, c.engine.cpu_reserved_cores)
     replica = await OpenAIReplica.create(engine, args, cache_root() / "replicas" / str(os.getpid()),
                                          c.max_resident_adapters)
-    _REPLICA["engine_watch"] = EngineWatch(replica)
+    restart_in_place = restart_in_place and os.environ.get(RESTART_SETTING, "in_place") == "in_place"
+    _REPLICA["engine_watch"] = EngineWatch(
+        replica, restart=(lambda: start_engine(args, c.engine.cpu_reserved_cores)) if restart_in_place else None,
+        loop=asyncio.get_running_loop())
     _REPLICA["replica"] = replica
     if "frontend" in _REPLICA:  # fused: the front's app may have been built first
         _REPLICA["frontend"].max_model_len = replica.max_model_len
@@ -338,7 +374,7 @@ def _fused_front(cfg_json: str, model_path: str, plan: dict[str, Any]):
 
 
 async def _fused_start(cfg_json: str, model_path: str, plan: dict[str, Any], listen: tuple[str, int] | None) -> None:
-    await _make_replica(cfg_json, model_path, plan)
+    await _make_replica(cfg_json, model_path, plan, restart_in_place=True)
     if listen is not None:
         from serve.listener import ReplicaListener
 

@@ -89,8 +89,9 @@ def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = T
     model_path = resolve_model(cfg.model)
     check_engine_settings(cfg, model_path)  # vLLM's parser and checks, before Ray starts anything
     env = {"RAY_worker_niceness": "0", "TOKENIZERS_PARALLELISM": "false"}
-    for k in ("LORAFLEET_API_KEY", "LORAFLEET_ADMIN_KEY", "LORAFLEET_CACHE", "AWS_ENDPOINT_URL",
-              "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "HF_TOKEN", "HF_HUB_OFFLINE"):
+    for k in ("LORAFLEET_API_KEY", "LORAFLEET_ADMIN_KEY", "LORAFLEET_CACHE", "LORAFLEET_ENGINE_WORKER_START",
+              "LORAFLEET_ENGINE_RESTART", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "HF_TOKEN",
+              "HF_HUB_OFFLINE"):
         if k in os.environ:
             env[k] = os.environ[k]
     if not ray.is_initialized():

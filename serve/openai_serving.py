@@ -19,14 +19,16 @@ semantics and error shapes. lorafleet adds only what vLLM has no notion of, per 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import copy
 import logging
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from serve.adapters import AdapterCache
 from serve.asgi import asgi_scope, body_then, call_app
@@ -118,6 +120,7 @@ class OpenAIReplica:
         self._states = {None: base_state}  # template text (None: the base's) -> vLLM's app state
         self._apps: dict[str | None, Any] = {}
         self._stops: dict[str | None, list[int]] = {}
+        self.restarting = False
 
     @classmethod
     async def create(cls, engine: Any, args: Any, snapshot_root: Path, max_resident: int) -> "OpenAIReplica":
@@ -183,7 +186,28 @@ class OpenAIReplica:
     async def unload(self, name: str) -> bool:
         return await self.adapters.unload(name)
 
+    async def restart_engine(self, start: Callable[[], Any]) -> None:
+        """Replace a dead engine with `start()`'s (vLLM does not restart one), in this process.
+
+        `start` runs in a thread: this event loop goes on answering (errors, until the new
+        engine is up) meanwhile. vLLM's serving state is rebuilt over the new engine; every
+        adapter loads again on its next request. While this runs, `check_health` passes, so that
+        Ray Serve does not replace the replica it is bringing back."""
+        self.restarting = True
+        try:
+            with contextlib.suppress(Exception):  # what is left of the dead one
+                self.engine.shutdown()
+            engine = await asyncio.to_thread(start)
+            shutil.rmtree(self.adapters.root, ignore_errors=True)  # the dead engine's snapshots
+            fresh = await OpenAIReplica.create(engine, self.args, self.adapters.root, self.adapters.max_resident)
+            self.engine, self.adapters = fresh.engine, fresh.adapters
+            self._states, self._apps, self._stops = fresh._states, {}, {}
+        finally:
+            self.restarting = False
+
     async def check_health(self) -> None:
+        if self.restarting:
+            return  # a new engine is starting in place of a dead one (restart_engine)
         await self.engine.check_health()
 
     @property

@@ -16,10 +16,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lorafleet.adapter import AdapterInfo, check_against_base, parse_tensor_key, read_adapter, unsupported
 from lorafleet.atomic import swap_in
 from lorafleet.errors import UserError
+from lorafleet.evaluation.gate import eval_refusal
 from serve.errors import OpenAIError, adapter_refused
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -44,6 +46,7 @@ class Adapter:
     # they hold, so an adapter replaced in place (load_inplace) is a new version to every
     # replica on its next request, not only to the one that took the admin call.
     version: str = ""
+    eval: dict | None = None  # the manifest's recorded evaluation (lorafleet eval), shown by /v1/models
 
     @property
     def template(self) -> str | None:
@@ -89,7 +92,7 @@ def is_remote(uri: str) -> bool:
 class AdapterRegistry:
     def __init__(self, sources: list[str], cache_dir: Path, base_shapes: dict[str, list[int]] | None = None,
                  base_fingerprint: str | None = None, max_lora_rank: int | None = None, allow_pickle: bool = False,
-                 max_adapter_bytes: int = 2 * 1024**3, base_name: str | None = None):
+                 max_adapter_bytes: int = 2 * 1024**3, base_name: str | None = None, require_eval: Any = None):
         self.sources = list(sources)
         self.cache_dir = Path(cache_dir)
         self.base_shapes = base_shapes or {}
@@ -98,6 +101,10 @@ class AdapterRegistry:
         self.allow_pickle = allow_pickle
         self.max_adapter_bytes = max_adapter_bytes
         self.base_name = base_name  # the base model's served name: no adapter may take it
+        self.require_eval = require_eval  # config.RequireEval: the promotion gate (None: none)
+        # Refused by the promotion gate: re-judged on every scan, so an adapter evaluated again
+        # (its manifest rewritten) is served, or refused, without a restart.
+        self.eval_refused: set[str] = set()
         self.adapters: dict[str, Adapter] = {}
         self.rejected: dict[str, str] = {}
         # Unloaded through the admin API: a scan does not bring them back (vLLM's unload means
@@ -137,7 +144,26 @@ class AdapterRegistry:
                 if old and old.uri == a.uri:
                     found[name] = old
             self.adapters = found
+        self._judge_evals(found)
         return found
+
+    def _judge_evals(self, found: dict[str, Adapter]) -> None:
+        """Read each local adapter's recorded evaluation; apply the promotion gate to it."""
+        for name, a in found.items():
+            if is_remote(a.uri):
+                continue  # judged in `prepare`, once its files are here
+            man = _read_manifest(Path(a.uri))
+            a.eval = (man or {}).get("eval")
+            self._apply_eval_gate(name, man)
+
+    def _apply_eval_gate(self, name: str, manifest: dict | None) -> None:
+        why = eval_refusal(name, manifest, self.require_eval)
+        if why:
+            self.rejected[name] = why
+            self.eval_refused.add(name)
+        elif name in self.eval_refused:
+            self.eval_refused.discard(name)
+            self.rejected.pop(name, None)
 
     def _list_source(self, src: str) -> list[tuple[str, str]]:
         if src.startswith("hf://"):
@@ -217,6 +243,8 @@ class AdapterRegistry:
     # ---------------------------------------------------------------------- fetch and gate
     def prepare(self, a: Adapter, refresh: bool = False) -> Adapter:
         """Copy a remote adapter locally (once) and run the compatibility gate."""
+        if a.name in self.eval_refused:
+            raise adapter_refused(self.rejected[a.name])
         if a.info is not None and a.local_path is not None and a.local_path.exists():
             return a
         try:
@@ -234,6 +262,10 @@ class AdapterRegistry:
             raise OpenAIError(404, f"adapter {a.name} is no longer at {a.uri} ({e}); rescan the sources",
                               param="model") from None
         a.local_path, a.info, a.version = local, info, content_version(local)
+        a.eval = (info.manifest or {}).get("eval")
+        self._apply_eval_gate(a.name, info.manifest)
+        if a.name in self.eval_refused:
+            raise adapter_refused(self.rejected[a.name])
         self.rejected.pop(a.name, None)
         return a
 
@@ -281,3 +313,13 @@ class AdapterRegistry:
             except UserError:
                 pass
         return max(ranks, default=16)
+
+
+def _read_manifest(directory: Path) -> dict | None:
+    """An adapter's lorafleet.json, or None (none, or not JSON: the gate's read reports that)."""
+    import json
+
+    try:
+        return json.loads((directory / "lorafleet.json").read_text())
+    except (OSError, ValueError):
+        return None

@@ -203,7 +203,7 @@ class OpenAIRoute:
 
     async def _relay(self, req: ReplicaRequest, model: str, scope, receive, send, t0: float) -> int:
         """Send the replica's answer to the client; returns the status it had."""
-        fe, m = self.fe, self.fe.metrics
+        m = self.fe.metrics
         try:
             events, start = await self._start(req)
         except Exception as e:
@@ -310,10 +310,14 @@ def model_cards(fe: Frontend) -> list[dict[str, Any]]:
     fe.registry.scan()
     cards = [ModelCard(id=fe.served_name, root=fe.root_model or fe.served_name, owned_by="lorafleet",
                        max_model_len=fe.max_model_len, permission=[ModelPermission()])]
+    out = [cards[0].model_dump()]
     for a in fe.registry.servable():
-        cards.append(ModelCard(id=a.name, root=a.uri, parent=fe.served_name, owned_by="lorafleet", created=a.created,
-                               permission=[ModelPermission()]))
-    return [c.model_dump() for c in cards]
+        card = ModelCard(id=a.name, root=a.uri, parent=fe.served_name, owned_by="lorafleet", created=a.created,
+                         permission=[ModelPermission()]).model_dump()
+        if a.eval:  # the recorded evaluation (lorafleet eval): what a client can judge the adapter by
+            card["eval"] = {k: a.eval.get(k) for k in ("data", "items", "adapter_scores", "base_scores", "created")}
+        out.append(card)
+    return out
 
 
 def build_app(fe: Frontend) -> FastAPI:

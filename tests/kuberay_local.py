@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import yaml
 
+from lorafleet.k8s_check import ray_start_words
 from lorafleet.net import free_port
 
 KUBERAY_AGENT_PORT = 52365  # utils.DefaultDashboardAgentListenPort
@@ -93,7 +94,8 @@ class LocalRayService:
             p.update({"address": f"127.0.0.1:{self.gcs_port}", "node-ip-address": "127.0.0.1"})
         p["dashboard-agent-listen-port"] = str(free_port())
         ray = str(Path(sys.executable).parent / "ray")
-        return [ray, "start", *(["--head"] if head else []), *[f"--{k}={v}" for k, v in sorted(p.items())]]
+        # the words bash gives `ray start` from KubeRay's command line (quoted values unquoted)
+        return [ray, "start", *(["--head"] if head else []), *ray_start_words(p)]
 
     def start(self) -> None:
         for head, params, env in ((True, self.head_params, self.head_env), (False, self.worker_params, self.worker_env)):

@@ -61,10 +61,8 @@ def cluster(tiny_base, tmp_path_factory):
                     LORAFLEET_CACHE=str(work / "cache"))
         argv = [sys.executable, "-m", "serve", "--model", str(tiny_base), "--served-model-name", "tiny",
                 "--adapters", str(adapters), "--host", c.head.ip, "--port", str(PORT),
-                "--set", f"address={c.address}", "--set", "topology=split",
-                "--set", "autoscaling.min_replicas=2", "--set", "autoscaling.max_replicas=2",
-                "--set", "resources.num_cpus=1",
-                "--set", f'resources.ingress_resources={{"{c.head.resource}": 0.001}}', *ENGINE_FLAGS]
+                *c.serve_args(), "--set", "autoscaling.min_replicas=2", "--set", "autoscaling.max_replicas=2",
+                "--set", "resources.num_cpus=1", *ENGINE_FLAGS]
         proc = c.head.popen(argv, env, work / "serve.log")
         url = f"http://{c.head.ip}:{PORT}"
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -278,3 +279,208 @@ def test_dockerfile_targets_and_lint():
     res = subprocess.run([hadolint, "--no-color", str(kc.ROOT / "Dockerfile")], capture_output=True, text=True,
                          cwd=kc.ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# ------------------------------------- the RayService runs the cluster the multi-host test ran
+def _rayservice(docs):
+    return next(d for d in docs if d["kind"] == "RayService")
+
+
+def _args(rs):
+    return yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+
+
+def _set_args(rs, change):
+    sc = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    change(sc["applications"][0]["args"])
+    rs["spec"]["serveConfigV2"] = yaml.safe_dump(sc)
+
+
+def _worker(rs):
+    return rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+
+
+def _head(rs):
+    return rs["spec"]["rayClusterConfig"]["headGroupSpec"]
+
+
+def _env(group):
+    return group["template"]["spec"]["containers"][0]["env"]
+
+
+def test_the_tested_cluster_is_read_from_the_harness_and_the_test():
+    from bench.netns_cluster import NODE_ENV, NetnsCluster
+
+    t = kc.tested_cluster()
+    c = NetnsCluster(kc.ROOT / "nonexistent", workers=2)  # as tests/test_cluster.py makes it
+    assert t.head == kc.start_flags(c.start_argv(c.head)[2:]) and t.head["num-cpus"] == "0"
+    assert t.workers == {h.name: kc.start_flags(c.start_argv(h)[2:]) for h in c.hosts[1:]}
+    assert t.resource_of("head") == c.head.resource and json.loads(t.head["resources"]) == {c.head.resource: 1}
+    assert {k: t.env[k] for k in NODE_ENV} == NODE_ENV and t.env["RAY_AUTH_MODE"] == "token"
+    assert t.serve.topology == "split" and t.serve.address == c.address
+    assert t.serve.resources.ingress_resources == {c.head.resource: 0.001}
+    assert len(t.adapters) == 1 and "://" not in t.adapters[0]  # one directory every host shares
+
+
+@pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
+def test_the_rayservice_runs_the_tested_cluster(rendered, overlay):
+    assert not kc.tested_cluster_errors(rendered[overlay])
+    rs = _rayservice(rendered[overlay])
+    t = kc.tested_cluster()
+    head = kc.kuberay_start_params(_head(rs), head=True)
+    assert head["num-cpus"] == t.head["num-cpus"]
+    assert kc.start_resources(head["resources"]) == (json.loads(t.head["resources"]), None)
+    args = _args(rs)
+    assert args["topology"] == "split" and args["resources"]["ingress_resources"] == {t.resource_of("head"): 0.001}
+
+
+@pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
+def test_the_pods_ray_start_has_the_tested_flags(rendered, overlay):
+    """The words `ray start` gets in each pod (KubeRay's command line, split by bash) carry the
+    tested nodes' --num-cpus (head) and --resources, byte for byte."""
+    from bench.netns_cluster import NetnsCluster
+
+    rs = _rayservice(rendered[overlay])
+    c = NetnsCluster(kc.ROOT / "nonexistent", workers=2)
+    head = kc.ray_start_words(kc.kuberay_start_params(_head(rs), head=True))
+    tested = c.start_argv(c.head)
+    assert {a for a in tested if a.startswith(("--num-cpus=", "--resources="))} <= set(head), (head, tested)
+    worker = kc.ray_start_words(kc.kuberay_start_params(_worker(rs), head=False))
+    group = _worker(rs)["groupName"]
+    assert f'--resources={{"host-{group}": 1}}' in worker  # the tested workers' '--resources={"host-w1": 1}'
+
+
+# (what to break, words the report must have); {group} is the worker group's name
+MUTATIONS = {
+    "worker resource removed": (lambda rs: _worker(rs)["rayStartParams"].pop("resources"),
+                                'custom resources {}, expected {"host-{group}": 1}'),
+    "head resource removed": (lambda rs: _head(rs)["rayStartParams"].pop("resources"),
+                              "lack what resources.ingress_resources"),
+    "head resource quoted as KubeRay cannot read": (
+        lambda rs: _head(rs)["rayStartParams"].update(resources='"{\\"host-head\\": 1}"'), "operator cannot read"),
+    "head resource unquoted": (lambda rs: _head(rs)["rayStartParams"].update(resources='{"host-head": 1}'),
+                               "once bash reads it"),
+    "serve ingress key changed": (lambda rs: _set_args(rs, lambda a: a["resources"].update(
+        ingress_resources={"head": 0.001})), "resources.ingress_resources {\"head\": 0.001}, the multi-host test"),
+    "ingress not pinned": (lambda rs: _set_args(rs, lambda a: a["resources"].pop("ingress_resources")),
+                           "resources.ingress_resources {}"),
+    "serve engine resources key added": (lambda rs: _set_args(rs, lambda a: a["resources"].update(
+        resources={"gpu-node": 1})), "resources.resources {\"gpu-node\": 1}"),
+    "topology auto": (lambda rs: _set_args(rs, lambda a: a.pop("topology")), "topology \"auto\""),
+    "random adapter routing": (lambda rs: _set_args(rs, lambda a: a.update(adapter_routing="random")),
+                               "adapter_routing \"random\""),
+    "address set": (lambda rs: _set_args(rs, lambda a: a.update(address="ray://elsewhere:10001")), "address"),
+    "token auth dropped": (lambda rs: rs["spec"]["rayClusterConfig"].pop("authOptions"),
+                           "authOptions.mode is not token"),
+    "token in the pod spec": (lambda rs: _env(_worker(rs)).append({"name": "RAY_AUTH_TOKEN", "value": "x"}),
+                              "sets RAY_AUTH_TOKEN itself"),
+    "token auth off in the pod spec": (
+        lambda rs: _env(_head(rs)).append({"name": "RAY_AUTH_MODE", "value": "disabled"}),
+        "RayService head: the Ray container sets RAY_AUTH_MODE itself"),
+    "worker niceness env dropped": (lambda rs: _env(_worker(rs)).pop(0),
+                                    "worker group {group}: env RAY_worker_niceness is unset"),
+    "head niceness env changed": (lambda rs: _env(_head(rs))[0].update(value="10"),
+                                  "RayService head: env RAY_worker_niceness is 10"),
+    "usage stats on": (lambda rs: _env(_head(rs)).pop(2), "usage stats are on"),
+    "head takes engines": (lambda rs: _head(rs)["rayStartParams"].update({"num-cpus": "8"}),
+                           "the tested head starts with --num-cpus=0"),
+    "head gcs port": (lambda rs: _head(rs)["rayStartParams"].update(port="6380"), "port 6380"),
+    "worker offers the head's resource": (
+        lambda rs: _worker(rs)["rayStartParams"].update(resources='\'{"host-head": 1}\''),
+        "the ingress could land on a worker"),
+    "two engines a worker": (lambda rs: _set_args(rs, lambda a: a["resources"].update(
+        num_cpus=a["resources"]["num_cpus"] / 2, num_gpus=a["resources"]["num_gpus"] / 2)),
+                             "holds 2 engine replicas"),
+    "more replicas than the workers hold": (lambda rs: _worker(rs).update(maxReplicas=1), "hold at most 1"),
+    "adapters from a bucket": (lambda rs: _set_args(rs, lambda a: a.update(adapters=["s3://bucket/adapters"])),
+                               "is a remote source"),
+    "no adapter sources": (lambda rs: _set_args(rs, lambda a: a.update(adapters=[])), "no adapter sources"),
+    "adapters not mounted in the workers": (lambda rs: _worker(rs)["template"]["spec"]["containers"][0].update(
+        volumeMounts=[m for m in _worker(rs)["template"]["spec"]["containers"][0]["volumeMounts"]
+                      if m["mountPath"] != "/adapters"]), "adapters /adapters: not on a volume in worker group"),
+    "adapters on each pod's own volume": (lambda rs: _adapters_volume(rs, {"name": "adapters", "emptyDir": {}}),
+                                          "volume type emptyDir is one per pod"),
+}
+
+
+def _adapters_volume(rs, volume):
+    for g in (_head(rs), _worker(rs)):
+        vols = g["template"]["spec"]["volumes"]
+        vols[:] = [volume if v["name"] == "adapters" else v for v in vols]
+
+
+@pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_each_drift_from_the_tested_cluster_is_reported(rendered, overlay, mutation):
+    docs = copy.deepcopy(rendered[overlay])
+    rs = _rayservice(docs)
+    change, words = MUTATIONS[mutation]
+    words = words.replace("{group}", _worker(rs)["groupName"])
+    change(rs)
+    errs = kc.tested_cluster_errors(docs)
+    assert any(words in e for e in errs), (words, errs)
+
+
+def test_a_pvc_one_node_at_a_time_is_no_shared_adapter_directory(rendered):
+    docs = copy.deepcopy(rendered["gpu"])
+    next(d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "lorafleet-adapters")[
+        "spec"]["accessModes"] = ["ReadWriteOnce"]
+    assert any("PVC lorafleet-adapters is not ReadWriteMany" in e for e in kc.tested_cluster_errors(docs))
+
+
+def test_the_top_level_group_resources_count_as_kuberay_applies_them(rendered):
+    rs = copy.deepcopy(_rayservice(rendered["gpu"]))
+    del _worker(rs)["rayStartParams"]["resources"]
+    _worker(rs)["resources"] = {"host-gpu": "1"}  # KubeRay >= 1.5 turns these into --resources
+    assert not kc.tested_cluster_errors([rs if d["kind"] == "RayService" else d for d in rendered["gpu"]])
+
+
+def _tested_with(**change):
+    t = kc.tested_cluster()
+    return dataclasses.replace(t, serve=t.serve.model_copy(deep=True), **change)
+
+
+def test_a_change_to_the_tested_side_alone_is_reported(rendered):
+    docs = rendered["gpu"]
+    t = _tested_with()
+    t.serve.resources.ingress_resources = {"host-head": 0.5}
+    assert any("ingress_resources" in e for e in kc.tested_cluster_errors(docs, t))
+    t = _tested_with(env={**kc.tested_cluster().env, "RAY_NEW_SETTING": "1"})
+    errs = kc.tested_cluster_errors(docs, t)
+    assert sum("env RAY_NEW_SETTING is unset" in e for e in errs) == 2  # the head and the worker group
+    renamed = _tested_with(resource_of=lambda name: f"node-{name}",  # the harness names its hosts otherwise
+                           head={**kc.tested_cluster().head, "resources": '{"node-head": 1}'},
+                           workers={n: {**w, "resources": json.dumps({f"node-{n}": 1})}
+                                    for n, w in kc.tested_cluster().workers.items()})
+    renamed.serve.resources.ingress_resources = {"node-head": 0.001}
+    errs = kc.tested_cluster_errors(docs, renamed)
+    assert any('RayService head: `ray start` custom resources {"host-head": 1}, expected {"node-head": 1}' in e
+               for e in errs), errs
+    assert any('expected {"node-gpu": 1}' in e for e in errs), errs
+    t = _tested_with(workers={n: {k: v for k, v in w.items() if k != "num-cpus"}
+                              for n, w in kc.tested_cluster().workers.items()})
+    assert any("each tested worker holds 0" in e for e in kc.tested_cluster_errors(docs, t))
+
+
+@pytest.mark.parametrize("edit", [
+    ("bench/netns_cluster.py", '"topology=split",', "", 'topology "split", the multi-host test tests/'
+                                                       'test_cluster.py serves with "auto"'),
+    ("bench/netns_cluster.py", '{self.head.resource}": 0.001', '{self.head.resource}": 0.01', "ingress_resources"),
+    ("bench/netns_cluster.py", '"RAY_worker_niceness": "0"', '"RAY_worker_niceness": "5"',
+     "env RAY_worker_niceness is 0; every node"),
+    ("bench/netns_cluster.py", '--resources={{"{h.resource}": 1}}', '--resources={{"{h.resource}": 2}}',
+     'expected {"host-head": 2}'),
+])
+def test_the_tested_cluster_changed_without_the_manifests_fails(rendered, tmp_path, monkeypatch, edit):
+    path, old, new, words = edit
+    text = (kc.ROOT / path).read_text()
+    assert old in text
+    (tmp_path / Path(path).name).write_text(text.replace(old, new))
+    monkeypatch.setattr(kc, "CLUSTER_HARNESS", tmp_path / Path(path).name)
+    kc.tested_cluster.cache_clear()
+    try:
+        errs = kc.tested_cluster_errors(rendered["gpu"])
+    finally:
+        monkeypatch.undo()
+        kc.tested_cluster.cache_clear()
+    assert any(words in e for e in errs), (words, errs)

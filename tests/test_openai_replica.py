@@ -11,67 +11,17 @@ and test_openai_compat.py drive it there.)
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
-import threading
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from lorafleet.config import ServeConfig
+from servers import InProcessServer
 
 pytestmark = pytest.mark.timeout(600)
 ADMIN = {"Authorization": "Bearer sk-admin"}
-
-
-class InProcessServer:
-    """Engine, replica and front on a loop of their own (as in the fused replica)."""
-
-    def __init__(self, base: Path, src: Path, work: Path, extra_args: list[str]):
-        from lorafleet.net import free_port
-
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cfg = ServeConfig(model=str(base), served_model_name="tiny", adapters=[str(src)], max_resident_adapters=4,
-                               engine={"dtype": "float32", "max_model_len": 256, "cpu_kvcache_space_gb": 0.5,
-                                       "max_lora_rank": 16, "extra_args": extra_args})
-        self.run(self._start(base, work))
-        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="sk-user", max_retries=0)
-
-    def run(self, coro, timeout=300):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    async def _start(self, base: Path, work: Path):
-        import os
-
-        from serve.deployment import LocalBackend, build_frontend, engine_plan
-        from serve.engine import engine_args, start_engine
-        from serve.listener import ReplicaListener
-        from serve.openai_serving import OpenAIReplica
-        from serve.routes import build_app
-
-        os.environ["LORAFLEET_CACHE"] = str(work / "cache")
-        plan = engine_plan(self.cfg, str(base))
-        args = engine_args(self.cfg, str(base), plan, on_cpu=True)
-        self.engine = start_engine(args, None)
-        self.replica = await OpenAIReplica.create(self.engine, args, work / "snapshots", 4)
-        os.environ["LORAFLEET_API_KEY"], os.environ["LORAFLEET_ADMIN_KEY"] = "sk-user", "sk-admin"
-        try:
-            self.fe = build_frontend(self.cfg, str(base), LocalBackend(self.replica), self.replica.max_model_len,
-                                     plan["max_lora_rank"])
-        finally:
-            del os.environ["LORAFLEET_API_KEY"], os.environ["LORAFLEET_ADMIN_KEY"]
-        self.listener = await ReplicaListener.start(build_app(self.fe), "127.0.0.1", self.port)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.listener.stop)
-        self.engine.shutdown()
-        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 @pytest.fixture(scope="module")

@@ -43,3 +43,15 @@ def test_readme_shell_snippets_run(tiny_base, tmp_path):
             assert res.returncode == 0, f"{line}\n{res.stderr[-3000:]}"
     assert (tmp_path / "runs" / "onnx" / "support" / "onnx_report.json").is_file()
     assert (tmp_path / "runs" / "onnx" / "edge" / "adapters" / "legal.onnx_adapter").is_file()
+
+
+def test_readme_config_reference_is_the_schemas():
+    """The README's config tables are `lorafleet config-reference` output, regenerated with the schema."""
+    from lorafleet.config import ServeConfig, TrainConfig, config_reference
+
+    text = (ROOT / "README.md").read_text()
+    for kind, schema in (("train", TrainConfig), ("serve", ServeConfig)):
+        block = re.search(rf"<!-- config-reference:{kind} -->\n(.*?)<!-- /config-reference:{kind} -->", text, re.S)
+        assert block, kind
+        rows = [f"| `{key}` | {tname} | `{default}` | {desc} |" for key, tname, default, desc in config_reference(schema)]
+        assert block.group(1).strip().splitlines()[2:] == rows, f"regenerate: lorafleet config-reference {kind}"

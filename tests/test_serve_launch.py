@@ -50,6 +50,41 @@ def test_a_dead_engine_ends_the_replica_process():
     assert exits == [] and not watch.thread.is_alive()
 
 
+def test_a_dead_engine_restarts_in_place_within_a_budget():
+    # Fused: a new engine in the same process, at most max_restarts times in window_s; then (a
+    # crash loop) the process ends and Ray Serve starts a new replica.
+    import asyncio
+    import threading
+
+    from serve.deployment import EngineWatch
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    class Restartable(DyingEngine):
+        starts = 0
+
+        async def restart_engine(self, start):
+            start()
+            self.starts += 1
+            self.dead = False
+
+    engine, exits = Restartable(), []
+    EngineWatch(engine, poll_s=0.01, exit=exits.append, restart=lambda: None, loop=loop, max_restarts=2)
+    for n in (1, 2):
+        engine.dead = True
+        deadline = time.time() + 5
+        while engine.starts < n and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.starts == n and exits == []
+    engine.dead = True  # a third death inside the window: the process ends
+    deadline = time.time() + 5
+    while not exits and time.time() < deadline:
+        time.sleep(0.01)
+    assert exits == [70] and engine.starts == 2
+    loop.call_soon_threadsafe(loop.stop)
+
+
 def test_lean_ray_defaults_only_for_a_ray_started_here():
     from serve.launch import LOCAL_RAY_DEFAULTS, local_ray_environment
 

@@ -103,6 +103,34 @@ def lora_config(cfg: TrainConfig, model):
     )
 
 
+def continue_adapter(model, path: str, model_ref: str, log: LOG):
+    """The PEFT adapter at `path` on `model`, trainable, as the adapter "default" (what trl's
+    preference trainers copy as their reference). Raises UserError when it is not an adapter
+    of this base."""
+    from peft import PeftModel
+
+    from lorafleet.adapter import check_against_base, read_adapter
+    from lorafleet.models import base_fingerprint, module_shapes
+
+    info = read_adapter(path)
+    check_against_base(info, module_shapes(model_ref), base_fingerprint(model_ref)["fingerprint"])
+    log(f"continuing from adapter {path} (r={info.lora.r}; its LoRA settings replace the config's `lora`)")
+    return PeftModel.from_pretrained(model, path, is_trainable=True)
+
+
+def tokenized(cfg: TrainConfig, source: str, tokenizer, template: str):
+    """A data file as the rows of this run's method: SFT token ids and loss masks, or preference rows."""
+    from train.data import read_records, tokenize_records
+
+    t = cfg.training
+    if t.method == "sft":
+        return tokenize_records(read_records(source), cfg.data.format, tokenizer, template, t.max_seq_length,
+                                source=source)
+    from train.preference_trainers import preference_set
+
+    return preference_set(read_records(source), t.method, tokenizer, template, t.max_seq_length)
+
+
 # -------------------------------------------------------------------------------------- the run
 def latest_complete_checkpoint(work: Path, log: LOG, remove_partial: bool = True) -> str | None:
     """The newest checkpoint the Trainer finished writing; a kill mid-save leaves a partial one.
@@ -134,10 +162,11 @@ def finish_from_final_checkpoint(trainer, model, ckpt: Path, state) -> None:
     trainer.state = state
 
 
-def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
+def run(cfg: TrainConfig, resume: bool = False, log: LOG = print, callbacks: list | None = None) -> Path:
     """Train one adapter; returns its directory. Under `torchrun` / `accelerate launch` every
     process runs this (data parallel, one global batch = per-device batch x processes x
-    accumulation); rank 0 alone logs, removes leftovers and writes the adapter."""
+    accumulation); rank 0 alone logs, removes leftovers and writes the adapter. `callbacks`:
+    transformers TrainerCallbacks added to the trainer (bench/quality.py measures with one)."""
     import torch
     from accelerate import PartialState
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -145,7 +174,7 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
 
     from lorafleet.models import base_fingerprint, resolve_model
     from lorafleet.templates import resolve_template
-    from train.data import read_records, split_eval, tokenize_records
+    from train.data import split_eval
     from train.sft import build_trainer
 
     # the process group under torchrun / accelerate launch (gloo on CPU); alone: rank 0 of 1
@@ -178,19 +207,16 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
         tokenizer.pad_token = tokenizer.eos_token  # the seed's choice; pads are masked from the loss
     template_name, template = resolve_template(cfg.template, tokenizer)
     t = cfg.training
-    train_recs = read_records(cfg.data.train_file)
-    train_set = tokenize_records(train_recs, cfg.data.format, tokenizer, template, t.max_seq_length,
-                                 source=cfg.data.train_file)
+    train_set = tokenized(cfg, cfg.data.train_file, tokenizer, template)
     rows, eval_rows = train_set.rows, []
     if cfg.data.eval_file:
-        ev = tokenize_records(read_records(cfg.data.eval_file), cfg.data.format, tokenizer, template,
-                              t.max_seq_length, source=cfg.data.eval_file)
-        eval_rows = ev.rows
+        eval_rows = tokenized(cfg, cfg.data.eval_file, tokenizer, template).rows
     elif cfg.data.eval_fraction > 0:
         rows, eval_rows = split_eval(rows, cfg.data.eval_fraction, t.seed)
-    if not t.completion_only_loss:
+    if t.method == "sft" and not t.completion_only_loss:
         rows = [{"input_ids": r["input_ids"], "completion_mask": [1] * len(r["input_ids"])} for r in rows]
-    msg = f"data: {len(rows)} train / {len(eval_rows)} eval examples, {train_set.num_tokens} tokens, template {template_name}"
+    msg = (f"data: {len(rows)} train / {len(eval_rows)} eval {'examples' if t.method == 'sft' else t.method + ' rows'}, "
+           f"{train_set.num_tokens} tokens, template {template_name}")
     if train_set.truncated or train_set.dropped:
         msg += (f"; {train_set.truncated} truncated to max_seq_length={t.max_seq_length}, "
                 f"{train_set.dropped} dropped (answer cut off)")
@@ -201,13 +227,24 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
     model = load_base(model_ref, cfg, device, use_4bit)
     if use_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
-    model = get_peft_model(model, lora_config(cfg, model))
+    if cfg.adapter_name_or_path:
+        model = continue_adapter(model, cfg.adapter_name_or_path, model_ref, log)
+    else:
+        model = get_peft_model(model, lora_config(cfg, model))
     trainable, total = model.get_nb_trainable_parameters()
-    log(f"model: {cfg.base_model} · LoRA r={cfg.lora.r} alpha={cfg.lora.lora_alpha} · "
+    r, alpha = model.peft_config["default"].r, model.peft_config["default"].lora_alpha
+    log(f"model: {cfg.base_model} · LoRA r={r} alpha={alpha} · "
         f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     work.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(cfg, model, tokenizer, rows, eval_rows, work, device, use_4bit)
+    if t.method == "sft":
+        trainer = build_trainer(cfg, model, tokenizer, rows, eval_rows, work, device, use_4bit)
+    else:
+        from train.preference_trainers import preference_trainer
+
+        trainer = preference_trainer(cfg, model, tokenizer, rows, eval_rows, work, device, use_4bit, log)
+    for cb in callbacks or []:
+        trainer.add_callback(cb)
     if state.num_processes > 1:
         log(f"data parallel over {state.num_processes} processes ({state.distributed_type.value}, backend "
             f"{state.backend}): global batch {t.per_device_train_batch_size * state.num_processes * t.gradient_accumulation_steps}")
@@ -236,7 +273,9 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
 
     # --- write the adapter directory in one piece
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    tokens = trainer.seen_tokens
+    tokens = getattr(trainer, "seen_tokens", None)
+    if tokens is None:  # trl's preference trainers log the tokens they trained on
+        tokens = int(next((h["num_tokens"] for h in reversed(history) if "num_tokens" in h), 0))
     if state.num_processes > 1:
         from accelerate.utils import reduce
 
@@ -252,14 +291,26 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print) -> Path:
         "peak_rss_mb": round(peak_rss_mb, 1),
         "peak_vram_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None,
     }
+    if t.method != "sft":  # how far the chosen answers moved ahead of the rejected ones, last logged
+        summary["preference"] = {k: next((h[k] for h in reversed(history) if k in h), None)
+                                 for k in ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")}
     from train.report import manifest, model_card, plot_losses
 
     if not main:
-        state.wait_for_everyone()  # rank 0 writes the adapter
+        state.wait_for_everyone()  # rank 0 checks and writes the adapter
         return out
+    if t.generation_check:
+        from train.check import check_line, generation_check
+
+        check = generation_check(cfg, model, tokenizer, template, final_train_loss, trainer.state.global_step,
+                                 t.generation_check)
+        if check:
+            summary["generation_check"] = check
+            log(check_line(check))
     with atomic_dir(out, overwrite=resume) as tmp:
         # Weights and config only: an adapter adds no tokens, so the base's tokenizer applies.
-        model.save_pretrained(tmp, safe_serialization=True)
+        # the trained adapter only: not the frozen reference copy trl adds for DPO/KTO ("ref")
+        model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
         man = manifest(cfg, base_fingerprint(model_ref), template_name, template, train_set, len(rows),
                        len(eval_rows), trainable, total, final_train_loss, eval_loss, summary, use_4bit, device)
         write_manifest(tmp, man)

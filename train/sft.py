@@ -71,11 +71,12 @@ class LeanSFTTrainer(SFTTrainer):
         return sampler
 
 
-def sft_config(cfg: TrainConfig, work: Path, device: str, use_4bit: bool, has_eval: bool) -> SFTConfig:
+def common_args(cfg: TrainConfig, work: Path, device: str, use_4bit: bool, has_eval: bool) -> dict[str, Any]:
+    """The TrainingArguments every method shares (trl's SFTConfig, DPOConfig, KTOConfig, ORPOConfig)."""
     t = cfg.training
     optim = t.optim or ("paged_adamw_8bit" if (use_4bit and device == "cuda") else "adamw_torch")
     eval_steps = t.eval_steps if has_eval else None
-    return SFTConfig(
+    return dict(
         output_dir=str(work),
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
@@ -97,16 +98,23 @@ def sft_config(cfg: TrainConfig, work: Path, device: str, use_4bit: bool, has_ev
         seed=t.seed,
         data_seed=t.seed,
         fp16=t.fp16,
-        bf16=t.bf16,
+        bf16=t.bf16,  # explicit: trl's configs default bf16 on, which a CPU without bf16 refuses
         gradient_checkpointing=t.gradient_checkpointing,
         max_length=t.max_seq_length,
-        packing=t.packing,
-        completion_only_loss=t.completion_only_loss,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         dataloader_num_workers=t.dataloader_num_workers,
         use_cpu=device == "cpu",
         report_to="none",
         logging_first_step=True,
+    )
+
+
+def sft_config(cfg: TrainConfig, work: Path, device: str, use_4bit: bool, has_eval: bool) -> SFTConfig:
+    t = cfg.training
+    return SFTConfig(
+        **common_args(cfg, work, device, use_4bit, has_eval),
+        packing=t.packing,
+        completion_only_loss=t.completion_only_loss,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         dataset_num_proc=None,
         remove_unused_columns=True,
     )
