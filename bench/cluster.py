@@ -40,7 +40,7 @@ def serve(c: NetnsCluster, base: Path, adapters: Path, routing: str, log: Path):
     argv = [sys.executable, "-m", "serve", "--model", str(base), "--served-model-name", "tiny",
             "--adapters", str(adapters), "--host", c.head.ip, "--port", str(PORT),
             *c.serve_args(), "--set", f"adapter_routing={routing}",
-            "--set", "autoscaling.min_replicas=2", "--set", "autoscaling.max_replicas=2", "--set", "resources.num_cpus=1",
+            "--set", "autoscaling.min_replicas=2", "--set", "autoscaling.max_replicas=2",
             "--set", "max_resident_adapters=2", "--set", "engine.max_loras=2", "--set", "engine.dtype=float32",
             "--set", "engine.max_model_len=256", "--set", "engine.cpu_kvcache_space_gb=0.5",
             "--set", "engine.max_lora_rank=16"]

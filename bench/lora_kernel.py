@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import RESULTS, ROOT, run_child, save, table  # noqa: E402
+from bench.common import RESULTS, run_child, save, table  # noqa: E402
 
 CHILD = r"""
 import json, os, statistics, sys, time

@@ -99,7 +99,7 @@ class NetnsCluster:
         split topology, the ingress on the head (its resource), engines where the CPUs are (the head
         has none). tests/test_cluster.py and bench/cluster.py serve with them; lorafleet.k8s_check
         holds the RayService to them."""
-        return [f"address={self.address}", "topology=split",
+        return [f"address={self.address}", "topology=split", f"resources.num_cpus={self.cpus}",
                 f'resources.ingress_resources={{"{self.head.resource}": 0.001}}']
 
     def serve_args(self) -> list[str]:

@@ -112,7 +112,7 @@ def eval_cmd(target: str = typer.Argument(..., help="Adapter directory, model di
                                                                  "recorded base, or the server's)."),
              out: Optional[Path] = typer.Option(None, help="Report directory (default: eval/<name>)."),
              data_format: str = typer.Option("auto", "--format", help="Record format, as data.format in training."),
-             limit: Optional[int] = typer.Option(None, help="Only the first N records."),
+             limit: Optional[int] = typer.Option(None, min=1, help="Only the first N records."),
              max_new_tokens: int = typer.Option(64, help="Longest answer, in tokens."),
              judge_url: Optional[str] = typer.Option(None, help="An OpenAI-compatible endpoint whose model judges "
                                                                 "each answer against the expected one."),

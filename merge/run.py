@@ -30,7 +30,8 @@ def _base_for(adapter_info, base: str | None) -> str:
     man = adapter_info.manifest or {}
     name = man.get("base_model", {}).get("name") or adapter_info.config.get("base_model_name_or_path")
     if not name:
-        raise UserError(f"adapter {adapter_info.path} does not say which base it was trained on; pass --base")
+        raise UserError(f"adapter {adapter_info.path} does not say which base it was trained on; name the base "
+                        "(--base for lorafleet merge, --base-model for lorafleet eval)")
     return name
 
 

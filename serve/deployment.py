@@ -178,6 +178,7 @@ def _log_to_stderr() -> None:
 # LORAFLEET_ENGINE_RESTART=replica: a fused replica whose engine dies ends, and Ray Serve starts
 # a new one, instead of starting a new engine in place (bench/recovery.py compares the two).
 RESTART_SETTING = "LORAFLEET_ENGINE_RESTART"
+RESTART_TIMEOUT_S = 600  # a new engine not up by then: the replica ends (Ray Serve starts another)
 
 # What a replica builds (its OpenAIReplica and the engine's watch; in the fused one also the
 # front and its listener), for the deployment class's own methods (health check, drain,
@@ -230,8 +231,9 @@ class EngineWatch:
         log.error("the vLLM engine process has died: starting a new one in this replica (%d of at most %d in %.0f s)",
                   len(self.restarts), self.max_restarts, self.window_s)
         try:
-            asyncio.run_coroutine_threadsafe(self.replica.restart_engine(self.restart), self.loop).result()
-        except Exception as e:  # a new engine that cannot start: a new replica may
+            asyncio.run_coroutine_threadsafe(self.replica.restart_engine(self.restart), self.loop).result(
+                timeout=RESTART_TIMEOUT_S)
+        except Exception as e:  # a new engine that cannot start (or hangs): a new replica may
             log.error("the new engine did not start (%s)", e)
             return False
         log.info("a new engine answers in this replica")

@@ -169,11 +169,12 @@ class OpenAIReplica:
     async def _serving(self, req: ReplicaRequest):
         """The adapter version resident and in use for the request's lifetime; yields (vLLM's
         app for its template, its RequestScope, loaded now, names evicted)."""
+        adapters = self.adapters  # this engine's: a restart_engine meanwhile brings another
         if req.unloaded:
-            await self.adapters.forget(req.unloaded)
+            await adapters.forget(req.unloaded)
         lora, loaded, evicted = None, False, []
         if req.adapter is not None:
-            lora, loaded, evicted = await self.adapters.acquire(req.adapter)
+            lora, loaded, evicted = await adapters.acquire(req.adapter)
         try:
             template = req.adapter.template if req.adapter is not None else None
             scope = RequestScope(req.adapter.name if req.adapter else None, lora,
@@ -181,7 +182,7 @@ class OpenAIReplica:
             yield self._app(template), scope, loaded, evicted
         finally:
             if lora is not None:
-                await self.adapters.release(lora)
+                await adapters.release(lora)
 
     async def unload(self, name: str) -> bool:
         return await self.adapters.unload(name)

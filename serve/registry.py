@@ -21,7 +21,7 @@ from typing import Any
 from lorafleet.adapter import AdapterInfo, check_against_base, parse_tensor_key, read_adapter, unsupported
 from lorafleet.atomic import swap_in
 from lorafleet.errors import UserError
-from lorafleet.evaluation.gate import eval_refusal
+from lorafleet.evaluation.gate import eval_refusal, recorded_eval
 from serve.errors import OpenAIError, adapter_refused
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -149,11 +149,14 @@ class AdapterRegistry:
 
     def _judge_evals(self, found: dict[str, Adapter]) -> None:
         """Read each local adapter's recorded evaluation; apply the promotion gate to it."""
+        for name in [n for n in self.eval_refused if n not in found]:  # gone from the sources
+            self.eval_refused.discard(name)
+            self.rejected.pop(name, None)
         for name, a in found.items():
-            if is_remote(a.uri):
+            if is_remote(a.uri) and a.local_path is None:
                 continue  # judged in `prepare`, once its files are here
-            man = _read_manifest(Path(a.uri))
-            a.eval = (man or {}).get("eval")
+            man = _read_manifest(a.local_path or Path(a.uri))
+            a.eval = recorded_eval(man)
             self._apply_eval_gate(name, man)
 
     def _apply_eval_gate(self, name: str, manifest: dict | None) -> None:
@@ -237,15 +240,22 @@ class AdapterRegistry:
             return a
 
     def servable(self) -> list[Adapter]:
-        """What /v1/models lists: every adapter not refused by the gate."""
-        return sorted((a for a in self.adapters.values() if a.name not in self.rejected), key=lambda a: a.name)
+        """What /v1/models lists: every adapter not refused by the gate (with registry.require_eval,
+        a remote adapter once it has been judged: its manifest is read when it is fetched)."""
+        return sorted((a for a in self.adapters.values() if a.name not in self.rejected
+                       and not (self.require_eval is not None and is_remote(a.uri) and a.local_path is None)),
+                      key=lambda a: a.name)
 
     # ---------------------------------------------------------------------- fetch and gate
     def prepare(self, a: Adapter, refresh: bool = False) -> Adapter:
-        """Copy a remote adapter locally (once) and run the compatibility gate."""
-        if a.name in self.eval_refused:
-            raise adapter_refused(self.rejected[a.name])
-        if a.info is not None and a.local_path is not None and a.local_path.exists():
+        """Copy a remote adapter locally (once) and run the compatibility gate; the promotion gate
+        (registry.require_eval) reads the manifest as it is now, every time."""
+        if a.info is not None and a.local_path is not None and a.local_path.exists() and not refresh:
+            man = _read_manifest(a.local_path)
+            a.eval = recorded_eval(man)
+            self._apply_eval_gate(a.name, man)
+            if a.name in self.eval_refused:
+                raise adapter_refused(self.rejected[a.name])
             return a
         try:
             local = self._materialize(a, refresh)
@@ -262,7 +272,7 @@ class AdapterRegistry:
             raise OpenAIError(404, f"adapter {a.name} is no longer at {a.uri} ({e}); rescan the sources",
                               param="model") from None
         a.local_path, a.info, a.version = local, info, content_version(local)
-        a.eval = (info.manifest or {}).get("eval")
+        a.eval = recorded_eval(info.manifest)
         self._apply_eval_gate(a.name, info.manifest)
         if a.name in self.eval_refused:
             raise adapter_refused(self.rejected[a.name])

@@ -62,7 +62,7 @@ def cluster(tiny_base, tmp_path_factory):
         argv = [sys.executable, "-m", "serve", "--model", str(tiny_base), "--served-model-name", "tiny",
                 "--adapters", str(adapters), "--host", c.head.ip, "--port", str(PORT),
                 *c.serve_args(), "--set", "autoscaling.min_replicas=2", "--set", "autoscaling.max_replicas=2",
-                "--set", "resources.num_cpus=1", *ENGINE_FLAGS]
+                *ENGINE_FLAGS]
         proc = c.head.popen(argv, env, work / "serve.log")
         url = f"http://{c.head.ip}:{PORT}"
         try:

@@ -55,7 +55,9 @@ def test_demo_adapter_answers_its_facts_and_paraphrases(name, demo_adapters, roo
     c = para["correct"]
     print(f"{name} paraphrased (fact match): base {c['base']['fact_match']}/20, adapter {c['adapter']['fact_match']}/20;"
           f" ROUGE-L base {para['totals']['base']['rougeL']:.3f}, adapter {para['totals']['adapter']['rougeL']:.3f}")
-    assert c["adapter"]["fact_match"] > c["base"]["fact_match"]
+    # support: the facts come back in other words too (6/20 measured); legal's answers keep the facts
+    # in other sentences than the expected ones more often (3/20 by fact match; ROUGE-L above)
+    assert c["adapter"]["fact_match"] - c["base"]["fact_match"] >= (5 if name == "support" else 1)
     assert para["totals"]["adapter"]["rougeL"] > para["totals"]["base"]["rougeL"]
     # the manifest keeps the last evaluation: what registry.require_eval reads
     assert json.loads((out / name / "lorafleet.json").read_text())["eval"]["data"].endswith("_paraphrased.jsonl")

@@ -21,9 +21,14 @@ LOSS_LEARNED = 0.1  # answer-token cross-entropy (nats) below which short answer
 ENOUGH = 0.9  # share of answers right that counts as "learned"
 
 
-def check_items(cfg: TrainConfig, n: int) -> tuple[str, list[EvalItem]]:
+def check_items(cfg: TrainConfig, n: int, n_rows: int) -> tuple[str, list[EvalItem]]:
     """("eval" | "train", up to n items): the eval split's records, else a seeded sample of the
-    training records. Records that render no answer to score (plain text) give no items."""
+    training records. Records that render no answer to score (plain text) give no items.
+
+    An `eval_fraction` split is the trainer's only when its `n_rows` training-file rows are the
+    file's records one for one (split_eval draws from the count): with records dropped at
+    max_seq_length, or KTO's two rows a pair, the check samples training records instead, and
+    says so ("train"), rather than call trained-on records held out."""
     from lorafleet.errors import UserError
     from lorafleet.evaluation.items import load_items
     from train.data import split_eval
@@ -34,7 +39,7 @@ def check_items(cfg: TrainConfig, n: int) -> tuple[str, list[EvalItem]]:
         items = load_items(cfg.data.train_file, cfg.data.format)
     except UserError:
         return "train", []  # text data: nothing to compare answers against
-    if cfg.data.eval_fraction > 0:
+    if cfg.data.eval_fraction > 0 and len(items) == n_rows:
         _, held_out = split_eval(items, cfg.data.eval_fraction, cfg.training.seed)  # the trainer's split
         return "eval", held_out[:n]
     return "train", random.Random(cfg.training.seed).sample(items, min(n, len(items)))
@@ -64,15 +69,16 @@ def hint(cfg: TrainConfig, share: float, final_loss: float | None, steps: int) -
 
 
 def generation_check(cfg: TrainConfig, model: Any, tokenizer: Any, template: str, final_loss: float | None,
-                     steps: int, n: int) -> dict[str, Any] | None:
-    """Answer up to n check items; return what the manifest keeps (None when there are none)."""
+                     steps: int, n: int, n_rows: int) -> dict[str, Any] | None:
+    """Answer up to n check items; return what the manifest keeps (None when there are none).
+    `n_rows`: rows the training file gave before any eval split (see check_items)."""
     import time
 
     from lorafleet.evaluation.generate import generate_answers
     from lorafleet.evaluation.metrics import score, summarize
     from lorafleet.templates import encode
 
-    split, items = check_items(cfg, n)
+    split, items = check_items(cfg, n, n_rows)
     if not items:
         return None
     t0 = time.time()

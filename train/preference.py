@@ -111,15 +111,3 @@ def read_judged(rec: Any) -> list[Judged]:
         return [Judged(where, _prompt(d.get("prompt"), where), _answer(d["completion"], where, "completion"),
                        d["label"])]
     return read_pair(rec).unpaired()
-
-
-def preference_prompt_chosen(rec: Any) -> tuple[list[dict[str, Any]], str]:
-    """(prompt messages, the preferred answer) of a preference record: what an eval asks."""
-    d = rec.data
-    if "completion" in d and "label" in d:
-        j = read_judged(rec)[0]
-        if not j.desirable:
-            raise UserError(f"{rec.where}: an undesirable (label false) answer is no expected answer to score against")
-        return j.prompt, j.answer
-    p = read_pair(rec)
-    return p.prompt, p.chosen

@@ -1,15 +1,18 @@
 """Preference tuning with trl's trainers: DPO, KTO, ORPO, on the same LoRA/QLoRA model as SFT.
 
-- DPO (Rafailov et al. 2023) and KTO (Ethayarajh et al. 2024) need a reference model. With a
-  fresh LoRA it is the base (trl switches the adapter off); started from an SFT adapter
-  (`adapter_name_or_path`), trl keeps a frozen copy of it as the adapter "ref": the reference
-  is the SFT model, as the DPO paper prescribes.
+- DPO (Rafailov et al. 2023) and KTO (Ethayarajh et al. 2024) need a reference model: trl
+  1.16 keeps a frozen copy of the adapter it is given as the adapter "ref" (dpo_trainer.py, the
+  PeftModel branch). For a fresh LoRA that copy is the untrained adapter, i.e. the base; started
+  from an SFT adapter (`adapter_name_or_path`) it is the SFT model, as the DPO paper prescribes.
+  Only "default" is written, and a resume restores it (SFTAdapterResume).
 - ORPO (Hong et al. 2024) needs none. In trl 1.16 it lives in `trl.experimental`.
 
 DPO's rows are tokenized here, by lorafleet's template (lorafleet.templates): the answer tokens
 it scores are the ones the served adapter is asked to produce, end-of-turn token included.
-KTO and ORPO get the same rendered text and tokenize it with trl (they append EOS when the
-answer does not already end with it).
+KTO and ORPO get the same rendered text and tokenize it with trl, which can differ at the ends:
+both append EOS when the answer does not end with it, KTO tokenizes with the tokenizer's special
+tokens (a second BOS where the template writes one, as Llama 3's does) and ORPO adds BOS when
+the prompt lacks it. ChatML templates (the embedded base, Qwen) come out the same.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def lora_config(cfg: TrainConfig, model):
     )
 
 
-def continue_adapter(model, path: str, model_ref: str, log: LOG):
+def continue_adapter(model, path: str, model_ref: str, template: str, log: LOG):
     """The PEFT adapter at `path` on `model`, trainable, as the adapter "default" (what trl's
     preference trainers copy as their reference). Raises UserError when it is not an adapter
     of this base."""
@@ -114,6 +114,9 @@ def continue_adapter(model, path: str, model_ref: str, log: LOG):
 
     info = read_adapter(path)
     check_against_base(info, module_shapes(model_ref), base_fingerprint(model_ref)["fingerprint"])
+    if info.template is not None and info.template != template:
+        raise UserError(f"adapter {path} was trained with another prompt template than this run's `template`; set "
+                        f"template to the one it was trained with (its lorafleet.json records it)")
     log(f"continuing from adapter {path} (r={info.lora.r}; its LoRA settings replace the config's `lora`)")
     return PeftModel.from_pretrained(model, path, is_trainable=True)
 
@@ -228,7 +231,7 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print, callbacks: lis
     if use_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
     if cfg.adapter_name_or_path:
-        model = continue_adapter(model, cfg.adapter_name_or_path, model_ref, log)
+        model = continue_adapter(model, cfg.adapter_name_or_path, model_ref, template, log)
     else:
         model = get_peft_model(model, lora_config(cfg, model))
     trainable, total = model.get_nb_trainable_parameters()
@@ -302,8 +305,12 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print, callbacks: lis
     if t.generation_check:
         from train.check import check_line, generation_check
 
-        check = generation_check(cfg, model, tokenizer, template, final_train_loss, trainer.state.global_step,
-                                 t.generation_check)
+        try:
+            check = generation_check(cfg, model, tokenizer, template, final_train_loss, trainer.state.global_step,
+                                     t.generation_check, len(train_set.rows))
+        except Exception as e:  # out of memory, a template that cannot render a record: keep the trained adapter
+            log(f"check: skipped, the adapter could not answer its check questions ({type(e).__name__}: {e})")
+            check = None
         if check:
             summary["generation_check"] = check
             log(check_line(check))
@@ -313,6 +320,12 @@ def run(cfg: TrainConfig, resume: bool = False, log: LOG = print, callbacks: lis
         model.save_pretrained(tmp, safe_serialization=True, selected_adapters=["default"])
         man = manifest(cfg, base_fingerprint(model_ref), template_name, template, train_set, len(rows),
                        len(eval_rows), trainable, total, final_train_loss, eval_loss, summary, use_4bit, device)
+        if cfg.adapter_name_or_path:  # its LoRA settings, not the config's (continue_adapter)
+            lc = model.peft_config["default"]
+            man["hyperparameters"]["lora"] |= {"r": lc.r, "lora_alpha": lc.lora_alpha, "lora_dropout": lc.lora_dropout,
+                                               "target_modules": sorted(lc.target_modules)
+                                               if isinstance(lc.target_modules, set) else lc.target_modules,
+                                               "continued_from": cfg.adapter_name_or_path}
         write_manifest(tmp, man)
         with (tmp / "metrics.jsonl").open("w") as f:
             for h in history:

@@ -10,14 +10,30 @@ from __future__ import annotations
 from typing import Any
 
 
+def recorded_eval(manifest: Any) -> dict[str, Any] | None:
+    """The manifest's "eval" summary when it has the shape `lorafleet eval` writes (scores as
+    numbers), else None: a hand-edited or foreign value counts as no evaluation."""
+    ev = manifest.get("eval") if isinstance(manifest, dict) else None
+    if not isinstance(ev, dict):
+        return None
+    for key in ("adapter_scores", "base_scores"):
+        scores = ev.get(key)
+        if key == "base_scores" and scores is None:
+            continue
+        if not isinstance(scores, dict) or not all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in scores.values()):
+            return None
+    return ev
+
+
 def eval_refusal(name: str, manifest: dict[str, Any] | None, require: Any) -> str | None:
     """Why adapter `name` may not be served under `require` (a RequireEval), naming the numbers;
     None when it may. `require` None: no gate."""
     if require is None:
         return None
-    ev = (manifest or {}).get("eval")
+    ev = recorded_eval(manifest)
     fix = f"run `lorafleet eval ADAPTER_DIR --data HELD_OUT.jsonl{' --base' if require.beats_base else ''}`"
-    if not ev or not isinstance(ev.get("adapter_scores"), dict):
+    if ev is None:
         return f"adapter {name} has no recorded evaluation and registry.require_eval is set; {fix}"
     m = require.metric
     got = ev["adapter_scores"].get(m)

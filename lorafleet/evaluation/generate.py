@@ -143,6 +143,9 @@ class Endpoint:
                 raise UserError(f"{self.client.base_url}: no connection ({e})") from None
             return (r.choices[0].message.content or "").strip()
 
-        with ThreadPoolExecutor(self.concurrency) as pool:
+        pool = ThreadPoolExecutor(self.concurrency)
+        try:
             return list(pool.map(ask, items))
+        finally:
+            pool.shutdown(cancel_futures=True)  # the first error ends the rest
 

@@ -2,7 +2,8 @@
 
 A record's last assistant turn is the expected answer; everything before it (system, user,
 earlier turns, tools) is what the model is asked. Preference records (trl's prompt/chosen/
-rejected, OpenAI's preference fine-tuning JSONL) ask their prompt and expect the chosen answer.
+rejected, OpenAI's preference fine-tuning JSONL) ask their prompt and expect the chosen answer;
+KTO's unpaired rows, their desirable answers (undesirable ones are skipped).
 """
 
 from __future__ import annotations
@@ -34,13 +35,16 @@ def load_items(source: str, fmt: str = "auto", limit: int | None = None) -> list
     Raises UserError naming the record for plain-text records (no answer to score) and for
     records whose last turn is not an assistant answer."""
     from train.data import detect_format, read_records, record_tools, to_messages
-    from train.preference import is_preference, preference_prompt_chosen
+    from train.preference import is_preference, read_judged, read_pair
 
     items = []
     for rec in read_records(source)[:limit]:
         if is_preference(rec.data):
-            prompt, chosen = preference_prompt_chosen(rec)
-            items.append(EvalItem(rec.where, prompt, chosen))
+            if "label" in rec.data:  # KTO's unpaired rows: only a desirable answer is one to expect
+                items += [EvalItem(j.where, j.prompt, j.answer) for j in read_judged(rec) if j.desirable]
+            else:
+                p = read_pair(rec)
+                items.append(EvalItem(rec.where, p.prompt, p.chosen, p.tools))
             continue
         kind = detect_format(rec.data) if fmt == "auto" else fmt
         if kind == "text":

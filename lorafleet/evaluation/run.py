@@ -27,7 +27,26 @@ LOG = Callable[[str], None]
 def merged_base(model_dir: str) -> str | None:
     """The base a merged model was made from (its merge_report.json), or None."""
     report = Path(model_dir) / "merge_report.json"
-    return json.loads(report.read_text()).get("base_model") if report.is_file() else None
+    if not report.is_file():
+        return None
+    try:
+        return json.loads(report.read_text()).get("base_model")
+    except (ValueError, AttributeError):
+        raise UserError(f"{report} is not a merge report (not a JSON object); pass --base-model") from None
+
+
+REPORT_FILES = {"eval.json", "eval.md", "eval.png"}
+
+
+def check_report_dir(out: Path, target: str) -> None:
+    """Refuse a report directory that holds anything but an earlier report: it is replaced whole."""
+    if Path(target).exists() and out.resolve() == Path(target).resolve():
+        raise UserError(f"--out {out} is the evaluated model's own directory; choose another report directory")
+    if out.is_dir():
+        other = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES)
+        if other:
+            raise UserError(f"--out {out} holds other files ({', '.join(other[:5])}); the report replaces the whole "
+                            "directory: choose a new or report-only directory")
 
 
 def _answers(target: str, items: list[EvalItem], with_base: bool, url: str | None, api_key: str | None,
@@ -103,7 +122,12 @@ def evaluate(target: str, data: str, out: Path, with_base: bool = False, url: st
     manifest's "eval" summary. `judge` = {"url", "model", "api_key"?} adds the judge's verdict as
     the metric "judge". Returns the report's dict. Raises UserError for bad data, a model
     that cannot be loaded, or an endpoint that does not serve it."""
+    check_report_dir(Path(out), target)
     items = load_items(data, fmt, limit)
+    if not items:
+        raise UserError(f"{data} holds no records to evaluate")
+    if with_base and not url and not base_model and not target_is_adapter(target) and not merged_base(target):
+        raise UserError(f"{target} is not an adapter and records no base (merge_report.json); pass --base-model")
     t0 = time.time()
     pairs = None if url else preference_pairs(data, limit)
     got, base, who, margins = _answers(target, items, with_base, url, api_key, base_model, max_new_tokens, pairs,
@@ -116,6 +140,7 @@ def evaluate(target: str, data: str, out: Path, with_base: bool = False, url: st
         from lorafleet.evaluation.judge import judge as ask_judge
 
         ep = Endpoint(judge["url"], judge.get("api_key"))
+        log(f"asking the judge {judge['model']} at {judge['url']}")
         for k, answers in runs.items():
             for s, v in zip(scores[k], ask_judge(ep, judge["model"], items, answers)):
                 s["judge"] = v
@@ -138,6 +163,9 @@ def evaluate(target: str, data: str, out: Path, with_base: bool = False, url: st
     write_report(report, Path(out))
     if record and not url and target_is_adapter(target):
         record_in_manifest(Path(target), summary(report))
+    elif record and url:
+        log("answers from an endpoint are not recorded in an adapter's manifest (registry.require_eval reads it): "
+            "evaluate the adapter directory to record them")
     return report
 
 
@@ -157,10 +185,20 @@ def record_in_manifest(adapter_dir: Path, eval_summary: dict[str, Any]) -> None:
     path = adapter_dir / MANIFEST
     man = json.loads(path.read_text()) if path.is_file() else {"format": "lorafleet-adapter/1"}
     man["eval"] = eval_summary
-    fd, tmp = tempfile.mkstemp(dir=adapter_dir, prefix=f".{MANIFEST}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(man, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=adapter_dir, prefix=f".{MANIFEST}.")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(man, indent=2, ensure_ascii=False) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a file written with open(): mkstemp's 0600 would hide it from a server
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"could not record the evaluation in {path} ({e}); the report is written, rerun with "
+                        "--no-record or make the adapter directory writable") from None
 
 
 # ----------------------------------------------------------------------------------- report
