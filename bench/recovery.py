@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import signal
 import statistics
 import sys
@@ -40,8 +39,8 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import ROOT, bars, save, table  # noqa: E402
-from bench.serve import BASE_NAME, ensure_adapters, lorafleet_cmd, session_processes, start, stop  # noqa: E402
+from bench.common import bars, save, table  # noqa: E402
+from bench.serve import BASE_NAME, fresh_workdir, lorafleet_cmd, session_processes, start, stop  # noqa: E402
 from lorafleet.net import free_port, wait_until_serving  # noqa: E402
 
 KEY = "sk-recovery"
@@ -149,12 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=1, help="variant pairs, alternating order")
     a = ap.parse_args()
-    src = ensure_adapters()
-    work = ROOT / "runs" / "recovery"
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "adapters").mkdir(parents=True)
-    for name, p in src.items():
-        (work / "adapters" / name).symlink_to(p)
+    work, _ = fresh_workdir("recovery")
     order = []
     for i in range(a.repeats):
         order += list(VARIANTS) if i % 2 == 0 else list(VARIANTS)[::-1]

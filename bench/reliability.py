@@ -27,8 +27,8 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import ROOT, save, table  # noqa: E402
-from bench.serve import BASE_NAME, ensure_adapters, lorafleet_cmd, start, stop  # noqa: E402
+from bench.common import save, table  # noqa: E402
+from bench.serve import BASE_NAME, fresh_workdir, lorafleet_cmd, start, stop  # noqa: E402
 from lorafleet.net import free_port, wait_until_serving  # noqa: E402
 
 ADMIN = "sk-admin-reliability"
@@ -164,12 +164,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--fault-seconds", type=float, default=150)
     args = ap.parse_args()
-    adapters = ensure_adapters()
-    work = ROOT / "runs" / "reliability"
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "adapters").mkdir(parents=True)
-    for name, p in adapters.items():
-        (work / "adapters" / name).symlink_to(p)
+    work, adapters = fresh_workdir("reliability")
     churn_src = work / "adapters" / "_churn"
     shutil.copytree(adapters["support"], churn_src)  # inside the root: loadable through the admin API
     port = free_port()

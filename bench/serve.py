@@ -221,6 +221,18 @@ def ensure_adapters() -> dict[str, Path]:
     return out
 
 
+def fresh_workdir(name: str) -> tuple[Path, dict[str, Path]]:
+    """runs/NAME, emptied, with adapters/ linking the demo adapters (trained if missing): the
+    adapter source a benchmark's server is given. Returns (the directory, name -> adapter)."""
+    adapters = ensure_adapters()
+    work = ROOT / "runs" / name
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "adapters").mkdir(parents=True)
+    for n, p in adapters.items():
+        (work / "adapters" / n).symlink_to(p)
+    return work, adapters
+
+
 def lorafleet_cmd(port: int | str, adapter_dir: Path, resident: int = 8, max_loras: int = 2) -> list[str]:
     return [sys.executable, "-m", "serve", "--model", "embedded:smollm2-135m-instruct", "--served-model-name",
             BASE_NAME, "--adapters", str(adapter_dir), "--port", str(port),

@@ -184,7 +184,9 @@ def run_engine(kernel: str, tiny_base, tiny_adapters) -> tuple[dict, str]:
     arg = json.dumps({"base": str(tiny_base), "adapters": {n: str(tiny_adapters / n) for n in ("alpha", "beta")},
                       "prompts": ["The quick brown fox", "Refund policy:", "0123", "lazy dog"]})
     proc = subprocess.run([sys.executable, "-c", ENGINE, arg], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, LORAFLEET_LORA_KERNEL=kernel))
+                          # INFO: the kernel's choice is read from vLLM's log (trl, imported by earlier tests,
+                          # sets VLLM_LOGGING_LEVEL=ERROR in this process's environment)
+                          env=dict(os.environ, LORAFLEET_LORA_KERNEL=kernel, VLLM_LOGGING_LEVEL="INFO"))
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert line, proc.stderr[-3000:]
     return json.loads(line[0][6:]), proc.stderr + proc.stdout
