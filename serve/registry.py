@@ -159,6 +159,13 @@ class AdapterRegistry:
             a.eval = recorded_eval(man)
             self._apply_eval_gate(name, man)
 
+    def _require_eval(self, a: Adapter, manifest: dict | None) -> None:
+        """The promotion gate for a request: 422 (adapter_refused) naming the numbers."""
+        a.eval = recorded_eval(manifest)
+        self._apply_eval_gate(a.name, manifest)
+        if a.name in self.eval_refused:
+            raise adapter_refused(self.rejected[a.name])
+
     def _apply_eval_gate(self, name: str, manifest: dict | None) -> None:
         why = eval_refusal(name, manifest, self.require_eval)
         if why:
@@ -251,11 +258,7 @@ class AdapterRegistry:
         """Copy a remote adapter locally (once) and run the compatibility gate; the promotion gate
         (registry.require_eval) reads the manifest as it is now, every time."""
         if a.info is not None and a.local_path is not None and a.local_path.exists() and not refresh:
-            man = _read_manifest(a.local_path)
-            a.eval = recorded_eval(man)
-            self._apply_eval_gate(a.name, man)
-            if a.name in self.eval_refused:
-                raise adapter_refused(self.rejected[a.name])
+            self._require_eval(a, _read_manifest(a.local_path))
             return a
         try:
             local = self._materialize(a, refresh)
@@ -272,10 +275,7 @@ class AdapterRegistry:
             raise OpenAIError(404, f"adapter {a.name} is no longer at {a.uri} ({e}); rescan the sources",
                               param="model") from None
         a.local_path, a.info, a.version = local, info, content_version(local)
-        a.eval = recorded_eval(info.manifest)
-        self._apply_eval_gate(a.name, info.manifest)
-        if a.name in self.eval_refused:
-            raise adapter_refused(self.rejected[a.name])
+        self._require_eval(a, info.manifest)
         self.rejected.pop(a.name, None)
         return a
 
