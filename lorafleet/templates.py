@@ -69,9 +69,10 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def render_prompt_ids(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> list[int]:
+def render_prompt_ids(tokenizer: Any, template: str, messages: list[dict[str, Any]],
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids of the prompt a model sees before it answers: used by train and serve alike."""
-    return encode(tokenizer, render(tokenizer, template, messages, add_generation_prompt=True))
+    return encode(tokenizer, render(tokenizer, template, messages, add_generation_prompt=True, tools=tools))
 
 
 def split_prompt_completion(tokenizer: Any, template: str, messages: list[dict[str, Any]],

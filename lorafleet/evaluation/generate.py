@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lorafleet.errors import UserError
 from lorafleet.evaluation.items import EvalItem
@@ -23,7 +23,7 @@ def generate_answers(model: Any, tokenizer: Any, template: str, items: list[Eval
     template's end-of-turn token. Returns one string per item, special tokens removed."""
     import torch
 
-    from lorafleet.templates import encode, end_of_turn_ids, render
+    from lorafleet.templates import end_of_turn_ids, render_prompt_ids
 
     stops = sorted({tokenizer.eos_token_id, *end_of_turn_ids(tokenizer, template)} - {None})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -34,8 +34,7 @@ def generate_answers(model: Any, tokenizer: Any, template: str, items: list[Eval
     try:
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
-            ids = [encode(tokenizer, render(tokenizer, template, it.messages, add_generation_prompt=True,
-                                            tools=it.tools)) for it in batch]
+            ids = [render_prompt_ids(tokenizer, template, it.messages, it.tools) for it in batch]
             width = max(map(len, ids))
             input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
@@ -128,24 +127,30 @@ class Endpoint:
             raise UserError(f"{self.client.base_url} lists no base model (every model has a parent)")
         return bases[0]
 
-    def answers(self, model: str, items: list[EvalItem], max_new_tokens: int = 64) -> list[str]:
+    def chat(self, model: str, messages: list[dict[str, Any]], max_tokens: int, tools: list | None = None,
+             where: str = "") -> str:
+        """One chat completion at temperature 0: its text. UserError for an error status or no connection."""
         import openai
 
-        def ask(it: EvalItem) -> str:
-            kw: dict[str, Any] = {"tools": it.tools} if it.tools else {}
-            try:
-                r = self.client.chat.completions.create(model=model, messages=it.messages, max_tokens=max_new_tokens,
-                                                        temperature=0, **kw)
-            except openai.APIStatusError as e:
-                raise UserError(f"{self.client.base_url}: model {model!r} answered {e.status_code} for {it.where}: "
-                                f"{e.message}") from None
-            except openai.APIConnectionError as e:
-                raise UserError(f"{self.client.base_url}: no connection ({e})") from None
-            return (r.choices[0].message.content or "").strip()
+        kw: dict[str, Any] = {"tools": tools} if tools else {}
+        try:
+            r = self.client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                    temperature=0, **kw)
+        except openai.APIStatusError as e:
+            raise UserError(f"{self.client.base_url}: model {model!r} answered {e.status_code}"
+                            f"{' for ' + where if where else ''}: {e.message}") from None
+        except openai.APIConnectionError as e:
+            raise UserError(f"{self.client.base_url}: no connection ({e})") from None
+        return (r.choices[0].message.content or "").strip()
 
+    def map(self, fn: Callable[[Any], Any], args: list[Any]) -> list[Any]:
+        """fn over args, `concurrency` at a time, in order; the first error stops the rest."""
         pool = ThreadPoolExecutor(self.concurrency)
         try:
-            return list(pool.map(ask, items))
+            return list(pool.map(fn, args))
         finally:
-            pool.shutdown(cancel_futures=True)  # the first error ends the rest
+            pool.shutdown(cancel_futures=True)
+
+    def answers(self, model: str, items: list[EvalItem], max_new_tokens: int = 64) -> list[str]:
+        return self.map(lambda it: self.chat(model, it.messages, max_new_tokens, it.tools, it.where), items)
 

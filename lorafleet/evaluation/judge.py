@@ -8,8 +8,6 @@ model can give. A reply that starts with neither YES nor NO counts as no verdict
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 from lorafleet.evaluation.generate import Endpoint
 from lorafleet.evaluation.items import EvalItem
 
@@ -26,26 +24,11 @@ def verdict(text: str) -> float | None:
 
 def judge(endpoint: Endpoint, model: str, items: list[EvalItem], answers: list[str]) -> list[float | None]:
     """One verdict per (item, answer): 1.0 right, 0.0 wrong, None when the judge did not say."""
-    import openai
-
-    from lorafleet.errors import UserError
-
     def ask(pair: tuple[EvalItem, str]) -> float | None:
         it, answer = pair
         msgs = [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": f"Question: {it.question}\nReference answer: {it.expected}\n"
                                             f"Candidate answer: {answer}\nVerdict (YES or NO):"}]
-        try:
-            r = endpoint.client.chat.completions.create(model=model, messages=msgs, max_tokens=4, temperature=0)
-        except openai.APIStatusError as e:
-            raise UserError(f"the judge {model!r} at {endpoint.client.base_url} answered {e.status_code}: "
-                            f"{e.message}") from None
-        except openai.APIConnectionError as e:
-            raise UserError(f"the judge at {endpoint.client.base_url}: no connection ({e})") from None
-        return verdict(r.choices[0].message.content or "")
+        return verdict(endpoint.chat(model, msgs, max_tokens=4, where=f"judging {it.where}"))
 
-    pool = ThreadPoolExecutor(endpoint.concurrency)
-    try:
-        return list(pool.map(ask, zip(items, answers)))
-    finally:
-        pool.shutdown(cancel_futures=True)  # the first error ends the rest
+    return endpoint.map(ask, list(zip(items, answers)))
