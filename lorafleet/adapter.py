@@ -405,16 +405,19 @@ def check_against_base(info: AdapterInfo, base_shapes: dict[str, list[int]], bas
     if not base_shapes:
         return
     vocab = info.vocab_size()
+    absent = [k for k in info.tensors if parse_tensor_key(k).kind not in ("full", "lora_magnitude_vector")
+              and parse_tensor_key(k).module + ".weight" not in base_shapes]
+    if absent:
+        raise UserError(f"adapter {info.name} has {len(absent)} LoRA tensors for modules the base model does not "
+                        f"have, which would not be applied: {name_some(absent)}; it was made for another "
+                        "architecture, or saved with other module names")
     for k, shape in info.tensors.items():
         key = parse_tensor_key(k)
         wkey = key.module + ".weight"
         if key.kind in ("lora_magnitude_vector",) or key.param == "bias":
             continue
         if wkey not in base_shapes:
-            if key.kind == "full":
-                continue  # a module the base lacks (a classifier head): peft's load decides
-            raise UserError(f"adapter {info.name} targets {key.module}, which the base model does not have; "
-                            "it was made for another architecture")
+            continue  # a whole-module copy the base lacks (a classifier head): peft's load decides
         out_f, in_f = base_shapes[wkey][0], base_shapes[wkey][-1]
         if key.kind == "full":
             if shape[1:] != base_shapes[wkey][1:] or (shape[0] != out_f and shape[0] != vocab):
@@ -432,6 +435,12 @@ def check_against_base(info: AdapterInfo, base_shapes: dict[str, list[int]], bas
         if got != want:
             raise UserError(f"adapter {info.name}: {k} has {what} size {got} but the base's {wkey} has "
                             f"{want}; the adapter was made for another base model")
+
+
+def name_some(keys: list[str], most: int = 4) -> str:
+    """The first `most` of `keys`, and how many more: for messages that must name what is wrong."""
+    more = f" (and {len(keys) - most} more)" if len(keys) > most else ""
+    return ", ".join(keys[:most]) + more
 
 
 def load_with_peft(base_dir: str | Path, info: AdapterInfo, dtype: Any, base_model: Any = None) -> Any:

@@ -191,10 +191,12 @@ class ResourcesSection(_Strict):
 
 
 class LimitsSection(_Strict):
-    max_tokens: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
-    max_n: int = Field(8, ge=1)
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    max_concurrent_per_key: int = Field(64, ge=1)
+    max_tokens: int = Field(4096, ge=1, description="Largest max_tokens (max_completion_tokens, max_output_tokens) "
+                            "a request may ask for; above: 400 naming the field.")
+    max_n: int = Field(8, ge=1, description="Most choices (`n`) a request may ask for; above: 400.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body; above: 413.")
+    max_concurrent_per_key: int = Field(64, ge=1, description="Requests one API key may have running at once; "
+                                        "above: 429 with Retry-After.")
     max_adapter_bytes: int = Field(2 * 1024**3, description="Largest adapter file accepted from a source.")
 
 

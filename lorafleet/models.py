@@ -186,5 +186,45 @@ def base_fingerprint(model_ref: str) -> dict[str, Any]:
 
 
 def module_shapes(model_ref: str) -> dict[str, list[int]]:
+    """Weight name -> shape of the base model the engine loads, {} when none can be read yet.
+
+    `model_ref` is a local directory or a hub id, read from its snapshot in the local Hugging
+    Face cache (where vLLM downloads it; nothing is fetched here). Weights in `*.safetensors`
+    are read from their headers; a base with only pickled `*.bin` weights through
+    `torch.load(weights_only=True, mmap=True)`, which runs no code and reads no tensor data.
+    """
     p = Path(model_ref)
-    return directory_shapes(p) if p.is_dir() else {}
+    if not p.is_dir():
+        p = cached_snapshot(model_ref)
+        if p is None:
+            return {}
+    shapes = directory_shapes(p)
+    return shapes or pickle_shapes(p)
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot directory of `repo_id` (HF_HUB_CACHE, HF_HOME),
+    or None when it has none with a config.json."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        d = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, not a repo id (huggingface_hub raises several kinds)
+        return None
+    return d if (d / "config.json").is_file() else None
+
+
+def pickle_shapes(model_dir: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape over a directory's `pytorch_model*.bin` files (weights_only: no code
+    runs; mmap: no tensor data is read)."""
+    import torch
+
+    out: dict[str, list[int]] = {}
+    for f in sorted(Path(model_dir).glob("*.bin")):
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not a state dict (training_args.bin) or not loadable safely
+            continue
+        if isinstance(state, dict):
+            out.update({k: list(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
+    return out

@@ -82,7 +82,7 @@ def engine_plan(cfg: ServeConfig, model_path: str) -> dict[str, Any]:
         from serve.registry import AdapterRegistry
 
         reg = AdapterRegistry(cfg.adapters, cache_dir=Path("/tmp"), allow_pickle=True)
-        reg.scan()
+        reg.scan(gate=False)
         rank = next((r for r in VLLM_LORA_RANKS if r >= max(reg.max_rank(), 16)), 512)
     max_loras = cfg.engine.max_loras or max(1, min(8, cfg.max_resident_adapters))
     return {"enable_lora": enable_lora, "max_lora_rank": rank, "max_loras": max_loras,
@@ -97,17 +97,57 @@ def build_frontend(cfg: ServeConfig, model_path: str, backend: Any, max_model_le
     from serve.routes import Frontend
 
     fp = base_fingerprint(model_path)["fingerprint"] if Path(model_path).is_dir() else None
-    registry = AdapterRegistry(cfg.adapters, cache_dir=cache_root() / "adapters", base_shapes=module_shapes(model_path),
-                               base_fingerprint=fp, max_lora_rank=max_lora_rank, allow_pickle=cfg.allow_pickle,
+    targets = lora_target_modules(cfg.engine.extra_args)
+    registry = AdapterRegistry(cfg.adapters, cache_dir=cache_root() / "adapters",
+                               base_shapes=lambda: module_shapes(model_path), base_fingerprint=fp,
+                               max_lora_rank=max_lora_rank, allow_pickle=cfg.allow_pickle,
                                max_adapter_bytes=cfg.limits.max_adapter_bytes,
-                               base_name=cfg.served_model_name or cfg.model, require_eval=cfg.registry.require_eval)
+                               base_name=cfg.served_model_name or cfg.model, require_eval=cfg.registry.require_eval,
+                               lora_target_modules=targets,
+                               packed_modules=packed_modules_mapping(model_path) if targets is not None else None)
     registry.scan()
-    for name, why in registry.rejected.items():
-        log.warning("adapter %s is not served: %s", name, why)
+    log_adapters(registry, model_path)
     return Frontend(served_name=cfg.served_model_name or cfg.model, registry=registry, backend=backend,
                     max_model_len=max_model_len, limits=cfg.limits,
                     api_keys=read_keys("LORAFLEET_API_KEY", cfg.api_keys_file),
                     admin_keys=read_keys("LORAFLEET_ADMIN_KEY", cfg.admin_keys_file), root_model=cfg.model)
+
+
+def log_adapters(registry: Any, model_path: str) -> None:
+    """What an operator needs at start: which adapters will be served, which not and why."""
+    served = [a.name for a in registry.servable()]
+    log.info("adapters served (%d): %s", len(served), ", ".join(served) or "none")
+    for name, why in sorted(registry.rejected.items()):
+        log.warning("adapter %s is not served: %s", name, why)
+    if registry.adapters and not registry.base_shapes:
+        log.warning("the weights of %s cannot be read yet (not downloaded): adapters' module names are checked "
+                    "against the base once they can", model_path)
+
+
+def lora_target_modules(extra_args: list[str]) -> list[str] | None:
+    """vLLM's --lora-target-modules in `engine.extra_args` (None: every LoRA module), as vLLM's
+    own server parser reads it (so `--lora_target_modules`, `--lora-target-modules=a` alike)."""
+    if not any("target" in a for a in extra_args):
+        return None
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="vllm serve", exit_on_error=False))
+    return parser.parse_args(list(extra_args)).lora_target_modules
+
+
+def packed_modules_mapping(model_path: str) -> dict[str, list[str]]:
+    """The vLLM model class's packed_modules_mapping ({"qkv_proj": ["q_proj", ...]}) for this
+    base's architecture; {} when vLLM has no class for it or the config cannot be read."""
+    try:
+        from transformers import AutoConfig
+        from vllm.model_executor.models.registry import ModelRegistry
+
+        arch = (AutoConfig.from_pretrained(model_path).architectures or [""])[0]
+        cls = ModelRegistry._try_load_model_cls(arch)
+    except Exception:
+        return {}
+    return dict(getattr(cls, "packed_modules_mapping", None) or {})
 
 
 class LocalBackend:
@@ -131,7 +171,7 @@ class LocalBackend:
         await (self.replica or _REPLICA["replica"]).unload(name)
 
     async def health(self):
-        await (self.replica or _REPLICA["replica"]).check_health()
+        await (self.replica or _REPLICA["replica"]).check_ready()
 
 
 class RayBackend:

@@ -21,11 +21,23 @@ on a 49k vocabulary). Stacked weights that are all zero for a slot (an adapter t
 touch that module) are skipped; which slots are nonzero is recomputed only when vLLM writes the
 weights. Embedding LoRA and anything unusual (rows that do not match the mapping) use the stock
 code.
-`LORAFLEET_LORA_KERNEL=stock` turns the plugin off, as does `VLLM_PLUGINS` naming other plugins.
+
+Prompt logprobs: vLLM's runner computes them with one `compute_logits` call per request on that
+request's slice of the step's hidden states (`GPUModelRunner._get_prompt_logprobs_dict`), rows
+one per prompt token, while the logits mapping (`sampler_indices`) has one entry per request. The
+stock CPU op then fails on the shapes (and the engine with it) whenever the batch holds another
+request, and would give every row one request's adapter if it did not. The plugin wraps that
+method to publish the step's hidden states, so the logits LoRA of such a slice uses the adapter of
+each of its tokens (`token_lora_indices`): prompt logprobs equal the adapter's, lm_head included.
+
+`LORAFLEET_LORA_KERNEL=stock` turns the plugin off, as does `VLLM_PLUGINS` naming other plugins:
+vLLM's own ops then run, with their faults (base tokens given the last slot's adapter, prompt
+logprobs beside another request ending the engine); it is there to compare against.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -33,12 +45,17 @@ from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 QUALNAME = f"{__name__}.GroupedPunicaWrapperCPU"
 
+# The step's token hidden states [tokens, hidden] while vLLM's runner computes prompt logprobs
+# (set by the wrapper `register` installs); slices of it reaching the logits LoRA are prompt rows.
+_step_hidden: list[torch.Tensor] = []
+
 
 class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
     """PunicaWrapperCPU whose linear and logits LoRA are dense GEMMs per adapter group."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        publish_prompt_hidden_states()
         # [(slot, rows)] for the current step; rows None = every row. Tokens for the
         # projections, requests (rows of the logits) for the lm_head.
         self._token_groups: list[tuple[int, torch.Tensor | None]] = []
@@ -76,10 +93,17 @@ class GroupedPunicaWrapperCPU(PunicaWrapperCPU):
         # whose lm_head weights are zero (no adapter there) cost nothing.
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.view(-1, y.shape[-1])
-        if x2.shape[0] != self._num_samples or lora_a_stacked.dtype != x.dtype:
+        rows = prompt_token_rows(x2)
+        if rows is not None:  # prompt logprobs: one row per prompt token, each with its adapter
+            groups = group_rows(self.token_lora_indices[rows])[0]
+        elif x2.shape[0] == self._num_samples:
+            groups = self._sampler_groups
+        else:
+            groups = None
+        if groups is None or lora_a_stacked.dtype != x.dtype:
             return super().add_lora_logits(y, x, lora_a_stacked, lora_b_stacked, scale, buffer=buffer, **kwargs)
         width = min(lora_b_stacked.shape[2], y2.shape[1])  # vocab padding may differ
-        self._apply(y2, x2, (lora_a_stacked,), (lora_b_stacked,), scale, (width,), self._sampler_groups)
+        self._apply(y2, x2, (lora_a_stacked,), (lora_b_stacked,), scale, (width,), groups)
 
     def _apply(self, y2, x2, lora_a, lora_b, scale, widths, groups) -> None:
         """y2[rows, slices] += scale · x2[rows] @ A[slot]^T @ B[slot]^T for every (slot, rows)."""
@@ -173,6 +197,35 @@ def group_rows(indices: torch.Tensor) -> tuple[list[tuple[int, torch.Tensor | No
     return [(s, (indices == s).nonzero().squeeze(1)) for s in slots], len(ids)
 
 
+def prompt_token_rows(x2: torch.Tensor) -> slice | None:
+    """The step's token positions that the rows of `x2` [rows, hidden] are, when `x2` is a row
+    slice of the hidden states published for prompt logprobs; else None."""
+    if not _step_hidden:
+        return None
+    h = _step_hidden[-1]
+    if (x2.untyped_storage().data_ptr() != h.untyped_storage().data_ptr() or h.dim() != 2
+            or x2.stride() != h.stride() or x2.dtype != h.dtype):
+        return None
+    start, extra = divmod(x2.storage_offset() - h.storage_offset(), h.stride(0))
+    if extra or start < 0 or start + x2.shape[0] > h.shape[0]:
+        return None
+    return slice(start, start + x2.shape[0])
+
+
+def _publishing_step_hidden(method):
+    """Wraps GPUModelRunner._get_prompt_logprobs_dict(self, hidden_states, ...) so that the logits
+    LoRA can tell prompt rows (slices of hidden_states) from sampled rows."""
+    @functools.wraps(method)
+    def wrapper(self, hidden_states, *args, **kwargs):
+        _step_hidden.append(hidden_states)
+        try:
+            return method(self, hidden_states, *args, **kwargs)
+        finally:
+            _step_hidden.pop()
+    wrapper.__lorafleet_wraps__ = method
+    return wrapper
+
+
 _STOCK: dict[str, object] = {}  # vLLM's own get_punica_wrapper, while ours replaces it
 
 
@@ -196,3 +249,20 @@ def register() -> None:
         return  # a vLLM whose CPU path changed: do not guess
     _STOCK["get_punica_wrapper"] = platform.__dict__.get("get_punica_wrapper")
     platform.get_punica_wrapper = classmethod(lambda cls: QUALNAME)
+
+
+def publish_prompt_hidden_states() -> None:
+    """Wrap vLLM's runner method that computes prompt logprobs (once per process), so its hidden
+    states reach `prompt_token_rows`. Called when the worker builds the punica wrapper: the runner
+    is imported there already, and the front process never pays for importing it.
+
+    Raises RuntimeError on a vLLM without that method: serving would otherwise stay open to the
+    prompt-logprobs crash this guards against."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # the CPU runner's base
+
+    method = getattr(GPUModelRunner, "_get_prompt_logprobs_dict", None)
+    if method is None:
+        raise RuntimeError("this vLLM's GPUModelRunner has no _get_prompt_logprobs_dict; "
+                           "run with LORAFLEET_LORA_KERNEL=stock or the vLLM version lorafleet pins")
+    if not hasattr(method, "__lorafleet_wraps__"):
+        GPUModelRunner._get_prompt_logprobs_dict = _publishing_step_hidden(method)

@@ -28,6 +28,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, AsyncIterator, Callable
 
 from serve.adapters import AdapterCache
@@ -130,6 +131,10 @@ class OpenAIReplica:
 
         holder = FastAPI()  # only for its State, which vLLM's init fills
         holder.state.args = args
+        # vLLM's handler for a dead engine answers in its error shape and asks its uvicorn server
+        # (app.state.server) to exit; here there is none to ask: EngineWatch restarts the engine
+        # or ends the replica.
+        holder.state.server = SimpleNamespace(should_exit=False)
         client = FleetEngineClient(engine)
         await init_app_state(client, holder.state, args, await engine.get_supported_tasks())
         models = holder.state.openai_serving_models
@@ -207,8 +212,16 @@ class OpenAIReplica:
             self.restarting = False
 
     async def check_health(self) -> None:
+        """Ray Serve's liveness check: passes while a new engine starts in place of a dead one
+        (restart_engine), so that Ray Serve does not replace the replica bringing it back."""
         if self.restarting:
-            return  # a new engine is starting in place of a dead one (restart_engine)
+            return
+        await self.engine.check_health()
+
+    async def check_ready(self) -> None:
+        """The `/health` probe: raises RuntimeError until the engine answers, a restarting one too."""
+        if self.restarting:
+            raise RuntimeError("the engine died and a new one is starting")
         await self.engine.check_health()
 
     @property

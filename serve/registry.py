@@ -10,20 +10,23 @@ first use. Every adapter passes the compatibility gate before an engine sees it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from lorafleet.adapter import AdapterInfo, check_against_base, parse_tensor_key, read_adapter, unsupported
+from lorafleet.adapter import (AdapterInfo, check_against_base, name_some, parse_tensor_key, read_adapter,
+                               unsupported)
 from lorafleet.atomic import swap_in
 from lorafleet.errors import UserError
 from lorafleet.evaluation.gate import eval_refusal, recorded_eval
 from serve.errors import OpenAIError, adapter_refused
 
+log = logging.getLogger("lorafleet.serve")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Module names vLLM gives LoRA layers in decoder LLMs (its linear layers, by the names adapters
 # use: vllm.lora.utils.get_supported_lora_modules on a built model). The front end has no model
@@ -90,12 +93,25 @@ def is_remote(uri: str) -> bool:
 
 
 class AdapterRegistry:
-    def __init__(self, sources: list[str], cache_dir: Path, base_shapes: dict[str, list[int]] | None = None,
+    """The adapters of a deployment's sources, each judged by the gate before it is listed or served.
+
+    `base_shapes`: the base's weight name -> shape, or a function returning them (a hub id's
+    weights are readable only once the engine has downloaded them; {} until then).
+    `lora_target_modules`: the engine's deployment-time filter (vLLM's --lora-target-modules),
+    with the base's `packed_modules` (vLLM's packed_modules_mapping): adapters with tensors the
+    filter would leave out are refused, naming them.
+    """
+
+    def __init__(self, sources: list[str], cache_dir: Path,
+                 base_shapes: dict[str, list[int]] | Callable[[], dict[str, list[int]]] | None = None,
                  base_fingerprint: str | None = None, max_lora_rank: int | None = None, allow_pickle: bool = False,
-                 max_adapter_bytes: int = 2 * 1024**3, base_name: str | None = None, require_eval: Any = None):
+                 max_adapter_bytes: int = 2 * 1024**3, base_name: str | None = None, require_eval: Any = None,
+                 lora_target_modules: list[str] | None = None, packed_modules: dict[str, list[str]] | None = None):
         self.sources = list(sources)
         self.cache_dir = Path(cache_dir)
-        self.base_shapes = base_shapes or {}
+        self._base_shapes = base_shapes or {}
+        self.lora_target_modules = lora_target_modules
+        self.packed_modules = packed_modules or {}
         self.base_fingerprint = base_fingerprint
         self.max_lora_rank = max_lora_rank
         self.allow_pickle = allow_pickle
@@ -119,8 +135,10 @@ class AdapterRegistry:
     def local_roots(self) -> list[Path]:
         return [Path(s.removeprefix("file://")).resolve() for s in self.sources if not is_remote(s)]
 
-    def scan(self) -> dict[str, Adapter]:
-        """(Re)list every source. Adapters found keep their cached state; vanished ones go."""
+    def scan(self, gate: bool = True) -> dict[str, Adapter]:
+        """(Re)list every source. Adapters found keep their cached state; vanished ones go; new
+        ones go through the gate (`gate`; remote ones are copied here for it), so a refused
+        adapter is never listed."""
         found: dict[str, Adapter] = {}
         for src in self.sources:
             for name, uri in self._list_source(src):
@@ -145,6 +163,16 @@ class AdapterRegistry:
                     found[name] = old
             self.adapters = found
         self._judge_evals(found)
+        if gate:
+            for a in found.values():
+                if a.info is None and a.name not in self.unloaded:
+                    try:
+                        self.prepare(a)
+                    except OpenAIError:
+                        pass  # refused: recorded in self.rejected, which /v1/models leaves out
+                    except Exception as e:  # a source that cannot be read now: unlisted, tried again next scan
+                        log.warning("adapter %s at %s could not be read (%s); trying again on the next scan",
+                                    a.name, a.uri, e)
         return found
 
     def _judge_evals(self, found: dict[str, Adapter]) -> None:
@@ -247,10 +275,8 @@ class AdapterRegistry:
             return a
 
     def servable(self) -> list[Adapter]:
-        """What /v1/models lists: every adapter not refused by the gate (with registry.require_eval,
-        a remote adapter once it has been judged: its manifest is read when it is fetched)."""
-        return sorted((a for a in self.adapters.values() if a.name not in self.rejected
-                       and not (self.require_eval is not None and is_remote(a.uri) and a.local_path is None)),
+        """What /v1/models lists: every adapter the gate has passed (scan runs it on new ones)."""
+        return sorted((a for a in self.adapters.values() if a.name not in self.rejected and a.info is not None),
                       key=lambda a: a.name)
 
     # ---------------------------------------------------------------------- fetch and gate
@@ -300,6 +326,39 @@ class AdapterRegistry:
             raise UserError(f"adapter {info.name} targets {bad}, which the engine cannot apply LoRA to; "
                             "merge it instead (lorafleet merge) and serve the merged model")
         check_against_base(info, self.base_shapes, self.base_fingerprint)
+        self._check_target_filter(info)
+
+    @property
+    def base_shapes(self) -> dict[str, list[int]]:
+        if callable(self._base_shapes):
+            shapes = self._base_shapes()
+            if shapes:  # read once they can be
+                self._base_shapes = shapes
+            return shapes
+        return self._base_shapes
+
+    def _check_target_filter(self, info: AdapterInfo) -> None:
+        """Refuse an adapter with LoRA tensors on modules the engine's --lora-target-modules leaves
+        without LoRA: vLLM would load it and apply only the rest (vllm.lora.utils.is_in_target_modules)."""
+        if self.lora_target_modules is None:
+            return
+        from vllm.lora.utils import is_in_target_modules
+
+        runtime = {child: parent for parent, children in self.packed_modules.items() for child in children}
+        left_out = []
+        for k in info.tensors:
+            key = parse_tensor_key(k)
+            if key.kind == "full":
+                continue
+            suffix = key.module.rsplit(".", 1)[-1]
+            name = key.module.rsplit(".", 1)[0] + "." + runtime.get(suffix, suffix) if "." in key.module else suffix
+            if not is_in_target_modules(name, self.lora_target_modules, self.packed_modules):
+                left_out.append(k)
+        if left_out:
+            raise UserError(f"adapter {info.name} has {len(left_out)} LoRA tensors on modules the engine applies no "
+                            f"LoRA to (--lora-target-modules {' '.join(self.lora_target_modules)}): "
+                            f"{name_some(left_out)}; add their modules to --lora-target-modules in "
+                            "engine.extra_args, or serve a merged model")
 
     def _materialize(self, a: Adapter, refresh: bool = False) -> Path:
         if not is_remote(a.uri):

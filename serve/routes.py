@@ -86,9 +86,15 @@ class Frontend:
         self.draining = True
         return sum(self.per_key_in_flight.values())
 
+    def unknown_model(self, model: str | None) -> OpenAIError:
+        """404 for a `model` that is neither the base nor an adapter (vLLM's message), naming them."""
+        names = [self.served_name, *(a.name for a in self.registry.servable())]
+        return OpenAIError(404, f"The model `{model}` does not exist. Models on this server: {', '.join(names)} "
+                                "(GET /v1/models).", param="model")
+
     async def resolve(self, model: str | None) -> AdapterRef | None:
         """The adapter version a request's `model` names, through the registry's gate; None for
-        the base or a name the registry does not know (vLLM answers those: its own 404)."""
+        the base or a name the registry does not know."""
         if not model or model == self.served_name:
             return None
         a = await asyncio.to_thread(self.registry.get, model)
@@ -117,15 +123,41 @@ async def read_body(receive, limit: int, declared: str | None) -> bytes:
             return body
 
 
-def requested_model(body: bytes) -> str | None:
-    """The body's `model`, when it is a JSON object with a string there; anything else is left
-    for vLLM's own parsing to refuse, in its own words."""
+def parse_body(body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None: anything else is left for vLLM's own parsing to refuse,
+    in its own words."""
     try:
         obj = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None
-    model = obj.get("model") if isinstance(obj, dict) else None
+    return obj if isinstance(obj, dict) else None
+
+
+def requested_model(obj: dict[str, Any] | None) -> str | None:
+    """The body's `model`, when it is a string."""
+    model = obj.get("model") if obj else None
     return model if isinstance(model, str) else None
+
+
+# Request fields the limits bound: the length fields of completions, chat and responses, and the
+# number of choices (vLLM's best_of is gone; n is what multiplies the work).
+TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def check_limits(obj: dict[str, Any] | None, limits: LimitsSection) -> None:
+    """Refuse (400, naming the field) a request above `limits.max_tokens` or `limits.max_n`.
+    Fields that are not integers are left for vLLM's validation to refuse."""
+    if not obj:
+        return
+    for name in TOKEN_FIELDS:
+        value = obj.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limits.max_tokens:
+            raise OpenAIError(400, f"{name}={value} is above this server's limit of {limits.max_tokens} "
+                                   "(limits.max_tokens); ask for fewer tokens", param=name)
+    n = obj.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > limits.max_n:
+        raise OpenAIError(400, f"n={n} is above this server's limit of {limits.max_n} (limits.max_n); "
+                               "ask for fewer choices", param="n")
 
 
 class OpenAIRoute:
@@ -147,10 +179,13 @@ class OpenAIRoute:
                                   headers={"Retry-After": "5"})
             headers = dict(scope["headers"])
             body = await read_body(receive, fe.limits.max_body_bytes, (headers.get(b"content-length") or b"").decode())
-            model = requested_model(body) or fe.served_name
+            obj = parse_body(body)
+            model = requested_model(obj) or fe.served_name
             adapter = await fe.resolve(model)
             if adapter is None and model != fe.served_name:
-                model = "unknown"  # vLLM answers it (404); a metric label per made-up name would grow without end
+                model = "unknown"  # a metric label per made-up name would grow without end
+                raise fe.unknown_model(requested_model(obj))
+            check_limits(obj, fe.limits)
             if fe.per_key_in_flight[key] >= fe.limits.max_concurrent_per_key:
                 raise OpenAIError(429, f"too many concurrent requests for this key (limit "
                                        f"{fe.limits.max_concurrent_per_key}); retry shortly", headers={"Retry-After": "1"})

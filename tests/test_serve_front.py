@@ -137,8 +137,10 @@ def test_the_body_goes_to_the_replica_untouched_with_the_adapter_resolved(front)
     assert req.body == raw and req.adapter.name == "beta" and req.adapter.path.endswith("beta")
     assert len(req.adapter.version) == 16
     assert post(front, "/v1/completions", {"model": "tiny", "prompt": "x"}).json()["adapter"] is None
-    # a model the registry does not know goes to vLLM, which answers with its own 404
-    assert post(front, "/v1/responses", {"model": "gamma", "input": "x"}).json()["adapter"] is None
+    # a model that is neither the base nor an adapter: vLLM's 404, with what there is instead
+    r = post(front, "/v1/responses", {"model": "gamma", "input": "x"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model", r.text
+    assert "`gamma` does not exist" in r.json()["error"]["message"] and "alpha" in r.json()["error"]["message"]
     assert post(front, "/tokenize", {"prompt": "x"}).json()["path"] == "/tokenize"
 
 
@@ -281,7 +283,8 @@ def test_admin_load_unload_rescan(front, tiny_base, tmp_path):
     # unloaded stays gone (vLLM's meaning), though a scanned source still holds it; others learn of it
     assert post(front, "/v1/unload_lora_adapter", {"lora_name": "beta"}, key="sk-admin").status_code == 200
     assert "beta" not in post(front, "/v1/adapters/rescan", {}, key="sk-admin").json()["adapters"]
-    assert post(front, "/v1/chat/completions", {"model": "beta"}).json()["adapter"] is None
+    assert post(front, "/v1/chat/completions", {"model": "beta"}).status_code == 404
+    post(front, "/v1/chat/completions", {"model": "tiny"})  # the next request tells its replica
     assert "beta" in front.replica.requests[-1].unloaded
 
 

@@ -292,14 +292,25 @@ def test_a_dead_engine_is_replaced_and_answers_again(served):
         ended_s = time.time() - t0
         assert ended_s < 8, f"the replica took {ended_s:.0f}s to end after its engine died"
     client = served.client.with_options(timeout=30)
+    unhealthy_seen = False
     while True:
+        # /health is the readiness probe: once it has said 503, its next 200 means answers again
+        with contextlib.suppress(httpx.HTTPError):
+            health = httpx.get(served.url + "/health", timeout=15).status_code
+            unhealthy_seen |= health == 503
         try:
             r = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=4, temperature=0)
             break
-        except (openai.APIConnectionError, openai.APIStatusError) as e:  # refused, 5xx, or queued too long
-            assert time.time() - t0 < 300, f"no answer 300 s after the engine died: {e}"
-            time.sleep(1)
+        except openai.APIStatusError as e:  # a 5xx in the OpenAI error shape, whatever failed
+            assert set(e.response.json()["error"]) >= {"message", "type", "code"}, e.response.text
+            assert not (unhealthy_seen and health == 200), f"/health said 200 but the request failed: {e}"
+        except openai.APIConnectionError as e:  # refused, or queued too long
+            pass
+        assert time.time() - t0 < 300, "no answer 300 s after the engine died"
+        time.sleep(1)
     assert r.usage.completion_tokens > 0
+    if served.topology == "fused":
+        assert unhealthy_seen, "/health never said 503 while the engine was down"
     assert served.proc.poll() is None
     if served.topology == "fused":
         assert replica.is_running(), "the fused replica's process should have stayed"
