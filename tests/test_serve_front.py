@@ -178,6 +178,22 @@ def test_unknown_routes_and_methods_in_the_error_shape(front):
     assert r.status_code == 405 and r.json()["error"]["code"] == 405
 
 
+@pytest.mark.parametrize("path, field, value, limit", [
+    ("/v1/completions", "max_tokens", 4097, "limits.max_tokens"),
+    ("/v1/chat/completions", "max_completion_tokens", 5000, "limits.max_tokens"),
+    ("/v1/responses", "max_output_tokens", 10**6, "limits.max_tokens"),
+    ("/v1/chat/completions", "n", 9, "limits.max_n"),
+])
+def test_limits_refuse_in_vllms_shape_naming_the_field(front, path, field, value, limit):
+    for model in ("tiny", "alpha"):
+        r = post(front, path, {"model": model, field: value})
+        assert r.status_code == 400 and error_keys(r) == {"message", "type", "param", "code"}, r.text
+        assert r.json()["error"]["param"] == field and limit in r.json()["error"]["message"]
+    n = len(front.replica.requests)
+    ok = post(front, path, {"model": "alpha", field: 4096 if field != "n" else 8})  # at the limit: served
+    assert ok.status_code == 200 and len(front.replica.requests) == n + 1
+
+
 def test_body_limit_concurrency_and_drain(front):
     r = post(front, "/v1/chat/completions", None, raw=b'{"model": "tiny", "x": "' + b"a" * 70000 + b'"}')
     assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
