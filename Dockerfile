@@ -42,7 +42,9 @@ COPY lorafleet ./lorafleet
 COPY train ./train
 COPY merge ./merge
 COPY serve ./serve
-RUN pip install --no-deps --find-links /wheels .
+RUN pip install --no-deps --find-links /wheels . \
+    && printf '#!/bin/sh\nexec python3 -m serve.vllm_cli "$@"\n' > "$(dirname "$(command -v python3)")/vllm" \
+    && chmod +x "$(dirname "$(command -v python3)")/vllm"
 USER 1000:1000
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -179,7 +180,7 @@ def serve(config: Optional[Path] = typer.Argument(None, help="Serve YAML (option
           set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value.")):
     """Serve the base model and adapters behind an OpenAI-compatible API on Ray Serve + vLLM."""
     from lorafleet.config import ServeConfig, load_config
-    from serve.launch import launch
+    from serve.launch import launch, needs_supervisor, supervise
 
     flags = {k: v for k, v in {"model": model, "served_model_name": served_model_name, "host": host,
                                 "port": port, "enable_auto_tool_choice": enable_auto_tool_choice or None,
@@ -193,6 +194,8 @@ def serve(config: Optional[Path] = typer.Argument(None, help="Serve YAML (option
     cfg = load_config(ServeConfig, config, set_)
     cfg = cfg.model_copy(update=flags)
     cfg = ServeConfig.model_validate(cfg.model_dump())
+    if needs_supervisor(cfg):  # signals to the whole process group reach this process only
+        raise typer.Exit(supervise([sys.executable, "-m", "lorafleet.cli", *sys.argv[1:]]))
     launch(cfg, log=log)
 
 

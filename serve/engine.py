@@ -121,10 +121,12 @@ def engine_args(cfg: Any, model_path: str, plan: dict[str, Any], on_cpu: bool) -
     if plan["enable_lora"]:
         argv += ["--enable-lora", "--max-lora-rank", str(plan["max_lora_rank"]), "--max-loras",
                  str(plan["max_loras"]), "--max-cpu-loras", str(max(plan["max_cpu_loras"], plan["max_loras"]))]
-    if cfg.enable_auto_tool_choice:
+    parser = tool_parser(cfg, model_path)
+    if cfg.enable_auto_tool_choice if cfg.enable_auto_tool_choice is not None else parser is not None:
         argv.append("--enable-auto-tool-choice")
-    if cfg.tool_call_parser:
-        argv += ["--tool-call-parser", cfg.tool_call_parser]
+    if parser:
+        argv += ["--tool-call-parser", parser]
+    argv += ["--tool-strict-level", cfg.tool_strict_level]
     if cfg.reasoning_parser:
         argv += ["--reasoning-parser", cfg.reasoning_parser]
     if cfg.structured_outputs_config:
@@ -139,6 +141,20 @@ def engine_args(cfg: Any, model_path: str, plan: dict[str, Any], on_cpu: bool) -
     except (SystemExit, Exception) as err:  # argparse exits; vLLM's checks raise TypeError/ValueError
         raise UserError(f"vLLM refused the engine settings {' '.join(argv[2:])}: {err}") from None
     return args
+
+
+def tool_parser(cfg: Any, model_path: str) -> str | None:
+    """The --tool-call-parser for this deployment: the config's, or with `auto` the one the base's
+    chat template calls for (serve/tools.py), None when it calls for none that lorafleet knows."""
+    if cfg.tool_call_parser != "auto":
+        return cfg.tool_call_parser
+    from pathlib import Path
+
+    from lorafleet.models import cached_snapshot
+    from serve.tools import infer_tool_parser, served_chat_template
+
+    local = model_path if Path(model_path).is_dir() else cached_snapshot(model_path)
+    return infer_tool_parser(served_chat_template(local))
 
 
 def start_engine(args: Namespace, cpu_reserved: int | None):
@@ -162,8 +178,10 @@ def start_engine(args: Namespace, cpu_reserved: int | None):
         reserved = cpu_reserved_cores(cpu_reserved)
         if reserved is not None:
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
-    log.info("engine: %s, dtype %s, %s", args.model, args.dtype,
+    log.info("engine: %s, dtype %s, %s; tools: %s", args.model, args.dtype,
              f"LoRA on (max_lora_rank {args.max_lora_rank}, max_loras {args.max_loras})" if args.enable_lora
-             else "LoRA off (a base or merged model alone)")
+             else "LoRA off (a base or merged model alone)",
+             f"parser {args.tool_call_parser}, auto tool choice {'on' if args.enable_auto_tool_choice else 'off'}"
+             if args.tool_call_parser else "no tool parser (requests with tools get vLLM's 400)")
     os.environ[PARENT_ENV] = str(os.getpid())  # the engine process ends if this one is killed
     return AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Callable
@@ -65,6 +67,48 @@ def replica_listens(cfg: ServeConfig, environ: dict[str, str] | None = None) -> 
     return cfg.fused and starts_own_ray(cfg.address, os.environ if environ is None else environ)
 
 
+SUPERVISED_ENV = "LORAFLEET_SERVE_SUPERVISED"  # set in the server that `supervise` runs
+
+
+def supervise(argv: list[str]) -> int:
+    """Run the server (`argv`, this command again) in a session of its own and pass it every
+    SIGINT, SIGTERM and SIGHUP this process gets; return its exit status.
+
+    Ctrl-C, systemd's default KillMode, `podman stop` and a pod's SIGTERM signal a whole process
+    group. The local Ray that the server starts (GCS, raylet, Serve's actors, the engines) is made
+    of its children: in its process group they would die at once, and the server's drain would
+    hang on a Ray that is gone. In a session of their own only this process hears the signal,
+    and the server, told by it, drains and then stops Ray itself. Should this process die, the
+    server gets SIGTERM (Linux's PR_SET_PDEATHSIG) and drains the same way.
+    """
+    child = subprocess.Popen(argv, env={**os.environ, SUPERVISED_ENV: "1"}, start_new_session=True,
+                             preexec_fn=_terminate_with_parent)
+
+    def forward(sig, _frame):
+        if child.poll() is None:
+            child.send_signal(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    code = child.wait()  # retried across signals (PEP 475)
+    return 128 - code if code < 0 else code
+
+
+def _terminate_with_parent() -> None:
+    """In a child before exec: SIGTERM when the parent dies (Linux; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def needs_supervisor(cfg: ServeConfig) -> bool:
+    """`lorafleet serve` runs itself under `supervise` when it starts its own Ray (a cluster's
+    Ray lives elsewhere) and is not already the supervised server."""
+    return starts_own_ray(cfg.address, os.environ) and SUPERVISED_ENV not in os.environ
+
+
 def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = True) -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")  # else the engine starves on a busy box
     listen = (cfg.host, cfg.port) if replica_listens(cfg) else None
@@ -75,6 +119,7 @@ def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = T
             bind(*listen).close()
         except RuntimeError as e:
             raise UserError(str(e)) from None
+    check_adapter_sources(cfg.adapters)
     from serve.auth import read_keys
 
     read_keys("LORAFLEET_API_KEY", cfg.api_keys_file)  # a configured key file that cannot be read stops here
@@ -129,6 +174,22 @@ def launch(cfg: ServeConfig, log: Callable[[str], None] = print, block: bool = T
     if not (now.is_set() and starts_own_ray(cfg.address, os.environ)):
         serve.shutdown()  # waits for the replicas' own graceful shutdown; a second Ctrl-C does not
     ray.shutdown()
+
+
+def check_adapter_sources(sources: list[str]) -> None:
+    """Stop (UserError) on a local adapter source that is not there: served, it would be an empty
+    list of adapters and every request naming one a 404. (A RayService's app, which may start
+    before its volume is mounted, lists such a source as empty and rescans.)"""
+    from pathlib import Path
+
+    from serve.registry import is_remote
+
+    for src in sources:
+        path = Path(src.removeprefix("file://"))
+        if not is_remote(src) and not path.is_dir():
+            what = "is a file, not a directory" if path.exists() else "does not exist"
+            raise UserError(f"adapter source {src} {what}: pass a directory of adapters (each with its "
+                            "adapter_config.json), or one adapter's directory, to --adapters")
 
 
 def check_engine_settings(cfg: ServeConfig, model_path: str) -> None:

@@ -179,3 +179,63 @@ def test_preference_method_on_sft_data_names_the_record(tiny_base, root, tmp_pat
     with pytest.raises(UserError, match=r"support.jsonl:1: a preference record needs prompt/chosen/rejected"):
         run(cfg, log=lambda m: None)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture()
+def bos_tokenizer(tiny_tok):
+    """The tiny tokenizer as Llama 3's behaves: it adds BOS when encoding, and its template writes
+    BOS too (lorafleet renders with add_special_tokens=False, as vLLM does)."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tiny_tok)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<unk> $A", special_tokens=[("<unk>", tok.convert_tokens_to_ids("<unk>"))])
+    tok.bos_token = "<unk>"  # a BOS that is not ChatML's <|im_start|>
+    tok.chat_template = "{{ bos_token }}" + tiny_tok.chat_template
+    assert tok("x")["input_ids"][0] == tok.bos_token_id
+    return tok
+
+
+def test_kto_trains_on_dpos_tokens_with_a_template_that_writes_bos(bos_tokenizer, tiny_base, root, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from train.data import read_records
+    from train.preference_trainers import preference_set, preference_trainer
+
+    recs = read_records(str(root / STYLE))[:4]
+    template = bos_tokenizer.chat_template
+    dpo = preference_set(recs, "dpo", bos_tokenizer, template, 256).rows
+    kto = preference_set(recs, "kto", bos_tokenizer, template, 256).rows
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    cfg = pref_cfg(tiny_base, root, tmp_path / "kto", "kto")
+    trainer = preference_trainer(cfg, model, bos_tokenizer, kto, [], tmp_path / "work", "cpu", False)
+    trained = {(tuple(r["prompt_ids"]), tuple(r["completion_ids"])) for r in trainer.train_dataset}
+    for row in dpo:  # every chosen and rejected answer of DPO, token for token
+        for key in ("chosen_ids", "rejected_ids"):
+            assert (tuple(row["prompt_ids"]), tuple(row[key])) in trained
+    bos = bos_tokenizer.bos_token_id
+    assert all(r["prompt_ids"].count(bos) == 1 and r["prompt_ids"][0] == bos for r in trainer.train_dataset)
+    assert all("KL_completion_ids" in r for r in trainer.train_dataset)
+
+
+def test_orpo_refuses_a_template_it_would_tokenize_otherwise(bos_tokenizer, tiny_base, root, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from train.data import read_records
+    from train.preference_trainers import preference_set, preference_trainer
+
+    tok = bos_tokenizer
+    tok.chat_template = tok.chat_template.removeprefix("{{ bos_token }}")  # trl would add the BOS itself
+    rows = preference_set(read_records(str(root / STYLE))[:4], "orpo", tok, tok.chat_template, 256).rows
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    cfg = pref_cfg(tiny_base, root, tmp_path / "orpo", "orpo")
+    with pytest.raises(UserError, match=r"ORPO .* tokenizes template 'chat' with tokens serving does not use \('<unk>'"):
+        preference_trainer(cfg, model, tok, rows, [], tmp_path / "work", "cpu", False, log=lambda m: None)

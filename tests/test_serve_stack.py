@@ -321,8 +321,9 @@ def test_a_dead_engine_is_replaced_and_answers_again(served):
 
 
 def test_graceful_shutdown_finishes_in_flight_requests(served):
-    """SIGTERM while a request streams: it runs to its last token, then the server exits.
-    (The module's last test: it stops the server.)"""
+    """SIGTERM (SIGINT) to the server's whole process group while a request streams: it runs to
+    its last token, then the server and everything it started end. (The module's last test: it
+    stops the server.)"""
     c = served.client
     streaming, got = threading.Event(), {}
 
@@ -341,13 +342,28 @@ def test_graceful_shutdown_finishes_in_flight_requests(served):
         finally:
             streaming.set()
 
+    import psutil
+
     t = threading.Thread(target=long_request)
     t.start()
     assert streaming.wait(60)
-    served.proc.send_signal(signal.SIGTERM)
+    everything = psutil.Process(served.proc.pid).children(recursive=True)
+    # The whole process group, as systemd's default KillMode, `podman stop` and a pod's SIGTERM
+    # do (split), or a terminal's Ctrl-C (fused); Ray's processes must not die before the drain.
+    sig = signal.SIGTERM if served.topology == "split" else signal.SIGINT
+    t0 = time.time()
+    os.killpg(served.proc.pid, sig)
     t.join(120)
     assert got.get("tokens") == 150, got
     assert served.proc.wait(timeout=120) == 0
+    stopped_s = time.time() - t0
+    assert stopped_s < 60, f"{stopped_s:.0f}s from the signal to the end"  # the stream itself takes seconds
+    deadline = time.time() + 30
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in everything) and time.time() < deadline:
+        time.sleep(1)
+    left = [(p.pid, p.name()) for p in everything if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"left running after the server ended: {left}"
+    assert "shutting down: 1 request(s) in flight" in served.log.read_text()
 
 
 def test_engine_process_ends_with_a_killed_replica(tiny_base, tmp_path, root):

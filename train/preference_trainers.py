@@ -7,12 +7,13 @@
   Only "default" is written, and a resume restores it (SFTAdapterResume).
 - ORPO (Hong et al. 2024) needs none. In trl 1.16 it lives in `trl.experimental`.
 
-DPO's rows are tokenized here, by lorafleet's template (lorafleet.templates): the answer tokens
-it scores are the ones the served adapter is asked to produce, end-of-turn token included.
-KTO and ORPO get the same rendered text and tokenize it with trl, which can differ at the ends:
-both append EOS when the answer does not end with it, KTO tokenizes with the tokenizer's special
-tokens (a second BOS where the template writes one, as Llama 3's does) and ORPO adds BOS when
-the prompt lacks it. ChatML templates (the embedded base, Qwen) come out the same.
+DPO's and KTO's rows are tokenized here, by lorafleet's template (lorafleet.templates), the same
+way for both: the answer tokens they score are the ones the served adapter is asked to produce,
+end-of-turn token included, after the prompt exactly as serving renders it. (trl's own KTO
+tokenization would add the tokenizer's BOS to a template that writes one itself, as Llama 3's
+does, and an EOS after the end-of-turn token.) ORPO, in trl.experimental, tokenizes the rendered
+text itself, adding BOS and EOS where they are missing: its rows are checked against lorafleet's
+tokens, and a template where they differ is refused, naming it.
 """
 
 from __future__ import annotations
@@ -62,8 +63,12 @@ def preference_set(records: list[Any], method: str, tokenizer: Any, template: st
         if method == "kto":
             for j in read_judged(rec):
                 p, a = prompt_and_answer(tokenizer, template, j.prompt, j.answer, None, j.where)
-                rows.append({"prompt": p, "completion": a.rstrip(), "label": j.desirable})
-                tokens += len(encode(tokenizer, p + a))
+                row = {"prompt_ids": encode(tokenizer, p), "completion_ids": encode(tokenizer, a), "label": j.desirable}
+                if len(row["prompt_ids"]) >= max_len:
+                    dropped += 1
+                    continue
+                rows.append(row)
+                tokens += len(row["prompt_ids"]) + len(row["completion_ids"])
             continue
         pair = read_pair(rec)
         pairs += 1
@@ -116,7 +121,32 @@ class LorafleetDPOTrainer(SFTAdapterResume, DPOTrainer):
 
 
 class LorafleetKTOTrainer(SFTAdapterResume, KTOTrainer):
-    pass
+    """trl's KTOTrainer on rows lorafleet tokenized (prompt_ids, completion_ids, label)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        # What trl 1.16's KTOTrainer._prepare_dataset does after tokenizing: the KL term's
+        # mismatched pairs, each completion rotated by one within a batch of
+        # per_device_train_batch_size. (Prompts that fill max_length: dropped by preference_set.)
+        if self.calculate_KL:
+            def add_kl_completion_ids(examples):
+                examples["KL_completion_ids"] = [examples["completion_ids"][-1]] + examples["completion_ids"][:-1]
+                return examples
+
+            dataset = dataset.map(add_kl_completion_ids, batched=True, batch_size=args.per_device_train_batch_size)
+        return dataset
+
+
+def check_orpo_tokens(trainer: Any, rows: list[dict], tokenizer: Any, template: str) -> None:
+    """Refuse (UserError) when trl's ORPO tokenization of `rows` is not lorafleet's: the prompt as
+    serving renders it, then the answer with its end-of-turn token and nothing more."""
+    for row, got in zip(rows, trainer.train_dataset):
+        want = encode(tokenizer, row["prompt"]) + encode(tokenizer, row["chosen"])
+        if list(got["chosen_input_ids"]) != want:
+            extra = [tokenizer.convert_ids_to_tokens(t) for t in got["chosen_input_ids"] if t not in want][:3]
+            raise UserError(f"ORPO (trl.experimental) tokenizes template {template!r} with tokens serving does not "
+                            f"use ({', '.join(map(repr, extra)) or 'a different split'}: it adds the tokenizer's "
+                            "BOS/EOS where the template does not write them); use training.method dpo or kto, "
+                            "which lorafleet tokenizes as it serves")
 
 
 def preference_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, rows: list[dict], eval_rows: list[dict],
@@ -149,4 +179,6 @@ def preference_trainer(cfg: TrainConfig, model: Any, tokenizer: Any, rows: list[
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # said above, once, in words
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-    return ORPOTrainer(args=ORPOConfig(**args, remove_unused_columns=False), **kw)
+    trainer = ORPOTrainer(args=ORPOConfig(**args, remove_unused_columns=False), **kw)
+    check_orpo_tokens(trainer, rows, tokenizer, cfg.template)
+    return trainer
