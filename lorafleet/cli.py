@@ -72,12 +72,16 @@ def merge(base: str = typer.Option(None, help="Base model (HF id or path); defau
           tolerance: float = typer.Option(None, help="Max abs logits difference allowed in the parity check."),
           skip_verify: bool = typer.Option(False, help="Do not run the parity check."),
           overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
-          allow_pickle: bool = typer.Option(False, help="Accept pickle (.bin) adapter weights.")):
+          allow_pickle: bool = typer.Option(False, help="Accept pickle (.bin) adapter weights."),
+          base_weights: str = typer.Option(
+              "auto", help="For a QLoRA adapter: dequantized (the 4-bit base's weights it was trained on), "
+                           "original (the full-precision ones); auto: dequantized for QLoRA adapters.")):
     """Merge an adapter into a full-precision copy of its base; verify logits parity."""
     from merge.run import merge_adapter
 
     merge_adapter(base=base, adapter=adapter, out=out, dtype=dtype, method=method, tolerance=tolerance,
-                  verify=not skip_verify, overwrite=overwrite, allow_pickle=allow_pickle, log=log)
+                  verify=not skip_verify, overwrite=overwrite, allow_pickle=allow_pickle, log=log,
+                  base_weights=base_weights)
 
 
 @app.command("export-onnx")

@@ -44,6 +44,16 @@ class QuantizationConfig(_Strict):
     bnb_4bit_compute_dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"
     bnb_4bit_use_double_quant: bool = True
 
+    def bnb_config(self) -> Any:
+        """transformers' BitsAndBytesConfig for this 4-bit base: what training loads, and what the
+        merge loads again to measure (and merge into) the model as trained."""
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+                                  bnb_4bit_compute_dtype=getattr(torch, self.bnb_4bit_compute_dtype),
+                                  bnb_4bit_use_double_quant=self.bnb_4bit_use_double_quant)
+
 
 class LoraSection(_Strict):
     r: int = Field(16, description="LoRA rank.")

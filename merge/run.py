@@ -1,8 +1,9 @@
 """`lorafleet merge`: adapter + full-precision base -> a merged model directory, verified.
 
 Never merges into a 4-bit base: the weights come from the base's fp16/bf16/fp32 safetensors
-(the seed tutorial reloads the base unquantized for the same reason). The output is built in
-a temp dir and renamed into place only after the parity check passes.
+(the seed tutorial reloads the base unquantized for the same reason); a QLoRA adapter is merged
+into those weights as its 4-bit training saw them, dequantized (merge/qlora.py). The output is
+built in a temp dir and renamed into place only after the parity check passes.
 """
 
 from __future__ import annotations
@@ -66,18 +67,31 @@ def local_model_dir(ref: str) -> Path:
                                                              "*.txt", "tokenizer*"]))
 
 
+BASE_WEIGHTS = ("auto", "original", "dequantized")
+
+
 def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str = "bfloat16", method: str = "auto",
                   tolerance: float | None = None, verify: bool = True, overwrite: bool = False,
                   allow_pickle: bool = False, log: Callable[[str], None] = print,
-                  max_shard_bytes: int = 2 * 1024**3) -> Path:
+                  max_shard_bytes: int = 2 * 1024**3, base_weights: str = "auto") -> Path:
+    """Merge `adapter` into its base and write the model to `out` (atomically), with
+    merge_report.json. `base_weights` for an adapter trained on a 4-bit base (QLoRA, as its
+    manifest records): `dequantized` merges into dequant(NF4(W)), the weights it was trained
+    against; `original` into W; `auto` is dequantized for such adapters and original for all
+    others (merge/qlora.py). Raises UserError for every refusal, having written nothing."""
+    import tempfile
+
     from lorafleet.models import base_fingerprint, module_shapes
+    from merge.qlora import as_trained_report, dequantized_base, trained_quantization
     from merge.streaming import stream_merge
-    from merge.verify import DEFAULT_TOLERANCE, parity_report
+    from merge.verify import DEFAULT_TOLERANCE, parity_report, probe_ids
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: use float16 or bfloat16 (float32 also works); never a 4-bit dtype")
     if method not in ("auto", "streaming", "peft"):
         raise UserError(f"--method {method}: use auto, streaming or peft")
+    if base_weights not in BASE_WEIGHTS:
+        raise UserError(f"--base-weights {base_weights}: use auto, original or dequantized")
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"output directory {out} already exists; choose another path or pass --overwrite")
@@ -97,13 +111,25 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
     if method == "streaming" and why_not:
         raise UserError(f"the streaming merge cannot handle adapter {info.name}: {why_not}; use --method peft")
     check_tokenizer_fits(info, cfg)
+    quant = trained_quantization(info)
+    if base_weights == "dequantized" and quant is None:
+        raise UserError(f"--base-weights dequantized: adapter {info.name} was not trained on a 4-bit base (its "
+                        "manifest records no used_4bit); merge it into the original weights")
+    into = "dequantized" if quant is not None and base_weights != "original" else "original"
     use_streaming = method == "streaming" or (method == "auto" and why_not is None)
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE[dtype]
     t0 = time.time()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory(
+            prefix=".lorafleet-dequantized-", dir=out.parent) as scratch:
+        merge_base, dequantized_layers = base_dir, None
+        if into == "dequantized":
+            log(f"{info.name} was trained on a 4-bit {quant.bnb_4bit_quant_type} base: merging into those weights, "
+                "dequantized (--base-weights original: into the full-precision ones)")
+            merge_base = Path(scratch)
+            dequantized_layers = dequantized_base(base_dir, quant, merge_base)
         if use_streaming:
             log(f"merging {info.name} into {base_ref} ({dtype}, streaming: one tensor at a time)")
-            stats = stream_merge(base_dir, info, tmp, DTYPES[dtype], max_shard_bytes=max_shard_bytes)
+            stats = stream_merge(merge_base, info, tmp, DTYPES[dtype], max_shard_bytes=max_shard_bytes)
             cfg_out = dict(cfg, dtype=dtype)
             cfg_out.pop("torch_dtype", None)
             (tmp / "config.json").write_text(json.dumps(cfg_out, indent=2) + "\n")
@@ -113,7 +139,7 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
         else:
             log(f"merging {info.name} into {base_ref} ({dtype}, peft merge_and_unload"
                 f"{': ' + why_not if why_not else ''})")
-            stats = _peft_merge(base_dir, info, tmp, DTYPES[dtype], max_shard_bytes)
+            stats = _peft_merge(merge_base, info, tmp, DTYPES[dtype], max_shard_bytes)
         # The merged model is prompted the way the adapter was trained: its tokenizer (the
         # adapter's own when it carries one: added tokens) and its template.
         template = copy_tokenizer(info.path if info.has_tokenizer() else base_dir, tmp, info.template)
@@ -123,9 +149,12 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
                   "merge_seconds": round(merge_seconds, 2),
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   "tolerance": tol}
+        if quant is not None:
+            report["qlora"] = {"base_weights": into, "quantization": quant.model_dump(),
+                               "dequantized_layers": dequantized_layers}
         if verify:
             log("verifying: base+adapter (peft, unmerged) vs merged, float32 logits on probe prompts")
-            report["parity"] = parity_report(str(base_dir), info, str(tmp), template)
+            report["parity"] = parity_report(str(merge_base), info, str(tmp), template)
             p = report["parity"]
             log(f"max |Δlogits| {p['max_abs_logits_diff']:.4g} (adapter effect {p['adapter_effect_max_abs']:.4g}), "
                 f"mean {p['mean_abs_logits_diff']:.3g}, greedy tokens agree: {p['greedy_tokens_agree']}")
@@ -133,6 +162,16 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
                 raise UserError(f"merge parity check failed: max |Δlogits| {p['max_abs_logits_diff']:.4g} is above "
                                 f"the tolerance {tol}; nothing was written. Check the adapter/base pair, or raise "
                                 "--tolerance if the difference is expected")
+            if quant is not None:
+                from transformers import AutoTokenizer
+
+                log("measuring against the model as trained (the 4-bit base + the adapter)")
+                ids = probe_ids(AutoTokenizer.from_pretrained(tmp), template)
+                q = report["qlora"] | as_trained_report(base_dir, info, quant, tmp, ids)
+                report["qlora"] = q
+                log(f"vs the model as trained: max |Δlogits| {q['max_abs_logits_diff']:.4g}, greedy agreement "
+                    f"{q['greedy_agreement']:.1%} of {q['positions']} positions, answer log-likelihood "
+                    f"{q['answer_loglik_merged']:.3f} (as trained {q['answer_loglik_trained']:.3f})")
         (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"merged model at {out} ({time.time() - t0:.1f}s)")
     return out

@@ -162,3 +162,33 @@ def test_full_disk_during_merge_leaves_nothing(tiny_base, tiny_adapters, tmp_pat
     assert "rc=2" in said, said[-3000:]
     assert "the disk is full (no space left on device)" in said and "Traceback" not in said
     assert "left: tmpfs" in said  # nothing after "left:": neither the model nor its temp dir remains
+
+
+def test_a_qlora_adapter_is_merged_into_the_weights_it_was_trained_on(train_cfg, tmp_path):
+    """Trained on the NF4 base (bitsandbytes on CPU), the adapter's model is dequant(NF4(W)) + BA:
+    the report measures both merges against it, and the default one is the closer."""
+    pytest.importorskip("bitsandbytes")
+    from train.recipe import run
+
+    adapter = run(train_cfg(quantization={"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"},
+                            lora__target_modules="all-linear", training__max_steps=4, training__learning_rate=5e-3),
+                  log=lambda m: None)
+    logs: list[str] = []
+    merge_adapter(adapter, tmp_path / "auto", dtype="float32", log=logs.append)
+    merge_adapter(adapter, tmp_path / "original", dtype="float32", base_weights="original", log=lambda m: None)
+    auto = json.loads((tmp_path / "auto" / "merge_report.json").read_text())["qlora"]
+    original = json.loads((tmp_path / "original" / "merge_report.json").read_text())["qlora"]
+    assert auto["base_weights"] == "dequantized" and original["base_weights"] == "original"
+    assert auto["dequantized_layers"] == 14 and auto["quantization"]["bnb_4bit_quant_type"] == "nf4"
+    for q in (auto, original):
+        assert set(q) >= {"max_abs_logits_diff", "greedy_agreement", "answer_loglik_trained", "answer_loglik_merged"}
+    # float32 compute: the dequantized merge is the trained model up to float rounding
+    # what is left of the dequantized merge's gap is bitsandbytes' own 4-bit CPU arithmetic
+    assert auto["max_abs_logits_diff"] * 10 < original["max_abs_logits_diff"]
+    assert auto["greedy_agreement"] == 1.0 > original["greedy_agreement"]
+    assert abs(auto["answer_loglik_merged"] - auto["answer_loglik_trained"]) < 0.01
+    assert any("trained on a 4-bit nf4 base" in m for m in logs)
+    plain = run(train_cfg(output_dir=str(tmp_path / "plain")), log=lambda m: None)
+    with pytest.raises(UserError, match="was not trained on a 4-bit base"):
+        merge_adapter(plain, tmp_path / "x", base_weights="dequantized", log=lambda m: None)
+    assert not (tmp_path / "x").exists()

@@ -48,17 +48,12 @@ def decide_quantization(cfg: TrainConfig, device: str, log: LOG) -> bool:
 
 def load_base(model_ref: str, cfg: TrainConfig, device: str, use_4bit: bool):
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
     if use_4bit:
         q = cfg.quantization
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-            bnb_4bit_compute_dtype=getattr(torch, q.bnb_4bit_compute_dtype),
-            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-        )
+        kwargs["quantization_config"] = q.bnb_config()
         kwargs["dtype"] = getattr(torch, q.bnb_4bit_compute_dtype)
         if device == "cuda":
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
