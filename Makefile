@@ -50,7 +50,7 @@ bench-cluster: venv
 	$(PY) bench/cluster.py
 
 k8s-check: venv
-	$(PY) -m lorafleet.k8s_check
+	$(PY) -m k8s.check
 
 # The CUDA image's resolved packages (PyPI metadata only), compared with its CUDA base by tests/test_k8s.py.
 gpu-resolution: venv

@@ -27,7 +27,7 @@ GCS_PORT = 6379
 DASHBOARD_PORT = 8265
 RAY = str(Path(sys.executable).parent / "ray")
 # What every node's Ray processes get besides the cluster's token (RAY_AUTH_TOKEN), as KubeRay's
-# token auth gives every pod RAY_AUTH_MODE and the token (lorafleet.k8s_check compares the RayService).
+# token auth gives every pod RAY_AUTH_MODE and the token (k8s/check.py compares the RayService).
 NODE_ENV = {"RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -97,7 +97,7 @@ class NetnsCluster:
     def placement_sets(self) -> list[str]:
         """The `lorafleet serve --set` values that place the app on this cluster: its address, the
         split topology, the ingress on the head (its resource), engines where the CPUs are (the head
-        has none). tests/test_cluster.py and bench/cluster.py serve with them; lorafleet.k8s_check
+        has none). tests/test_cluster.py and bench/cluster.py serve with them; k8s/check.py
         holds the RayService to them."""
         return [f"address={self.address}", "topology=split", f"resources.num_cpus={self.cpus}",
                 f'resources.ingress_resources={{"{self.head.resource}": 0.001}}']
@@ -135,7 +135,7 @@ class NetnsCluster:
 
     # ------------------------------------------------------------------ Ray
     def start_argv(self, h: Host) -> list[str]:
-        """The `ray start` command of a host (lorafleet.k8s_check compares the RayService's with these)."""
+        """The `ray start` command of a host (k8s/check.py compares the RayService's with these)."""
         argv = [RAY, "start", f"--node-ip-address={h.ip}", f"--num-cpus={0 if h is self.head else self.cpus}",
                 f'--resources={{"{h.resource}": 1}}', "--disable-usage-stats"]
         if h is self.head:

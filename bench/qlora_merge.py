@@ -36,8 +36,10 @@ def questions(adapter: Path, n: int) -> list[list[int]]:
     from lorafleet.templates import render_prompt_ids
 
     info = read_adapter(adapter)
-    tok = AutoTokenizer.from_pretrained(adapter if info.has_tokenizer() else info.manifest["base_model"]["name"])
-    from train.data import read_records, to_messages
+    from lorafleet.models import adapter_base, local_model_dir
+
+    tok = AutoTokenizer.from_pretrained(adapter if info.has_tokenizer() else local_model_dir(adapter_base(info)))
+    from lorafleet.records import read_records, to_messages
 
     records = read_records(str(ROOT / "examples/data/support.jsonl"))[:n]
     return [render_prompt_ids(tok, info.template, to_messages(r, "alpaca")[:-1]) for r in records]  # without the answer
@@ -55,14 +57,15 @@ def main() -> None:
         train(adapter, a.steps)
 
     from lorafleet.adapter import read_adapter
-    from lorafleet.models import resolve_model
+    from lorafleet.models import adapter_base
     from merge.qlora import as_trained_report, trained_quantization
-    from merge.run import local_model_dir, merge_adapter
+    from lorafleet.models import local_model_dir
+    from merge.run import merge_adapter
 
     info = read_adapter(adapter)
     quant = trained_quantization(info)
     assert quant is not None, f"{adapter} was not trained on a 4-bit base"
-    base_dir = local_model_dir(resolve_model(info.manifest["base_model"]["name"]))
+    base_dir = local_model_dir(adapter_base(info))
     ids = questions(adapter, a.questions)
     rows = []
     for weights in ("original", "dequantized"):

@@ -228,3 +228,29 @@ def pickle_shapes(model_dir: Path) -> dict[str, list[int]]:
         if isinstance(state, dict):
             out.update({k: list(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
     return out
+
+
+# ------------------------------------------------------------------------- an adapter's base
+def adapter_base(adapter_info, base: str | None = None) -> str:
+    """The base model an adapter is used with: `base` when given, else the one its manifest (or
+    peft's base_model_name_or_path) names. Raises UserError when neither says."""
+    if base:
+        return base
+    man = adapter_info.manifest or {}
+    name = man.get("base_model", {}).get("name") or adapter_info.config.get("base_model_name_or_path")
+    if not name:
+        raise UserError(f"adapter {adapter_info.path} does not say which base it was trained on; name the base "
+                        "(--base for lorafleet merge, --base-model for lorafleet eval)")
+    return name
+
+
+def local_model_dir(ref: str) -> Path:
+    """A model reference (path, HF id, embedded:NAME) as a local directory, downloading if needed."""
+    resolved = resolve_model(ref)
+    p = Path(resolved)
+    if p.is_dir():
+        return p
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model",
+                                                             "*.txt", "tokenizer*"]))

@@ -36,7 +36,7 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
     if precision not in DEFAULT_TOLERANCE:
         raise UserError(f"--precision {precision}: use fp32, int8 or int4")
     if not Path(model).is_dir():  # an HF id or the embedded base, e.g. the base for --adapters
-        from merge.run import local_model_dir
+        from lorafleet.models import local_model_dir
 
         model = local_model_dir(str(model))
     model = Path(model)

@@ -20,20 +20,10 @@ import torch
 from lorafleet.adapter import TOKENIZER_FILES, check_against_base, read_adapter, unsupported
 from lorafleet.atomic import atomic_dir
 from lorafleet.errors import UserError
+from lorafleet.models import adapter_base, local_model_dir
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SIDE_FILES = ("generation_config.json",)
-
-
-def _base_for(adapter_info, base: str | None) -> str:
-    if base:
-        return base
-    man = adapter_info.manifest or {}
-    name = man.get("base_model", {}).get("name") or adapter_info.config.get("base_model_name_or_path")
-    if not name:
-        raise UserError(f"adapter {adapter_info.path} does not say which base it was trained on; name the base "
-                        "(--base for lorafleet merge, --base-model for lorafleet eval)")
-    return name
 
 
 def check_tokenizer_fits(info, base_config: dict) -> None:
@@ -51,20 +41,6 @@ def check_tokenizer_fits(info, base_config: dict) -> None:
                         f"{rows} embedding rows: the adapter does not carry resized embeddings (train with "
                         "modules_to_save embed_tokens and lm_head after adding tokens), or the tokenizer is not the one "
                         "it was trained with; remove it from the adapter directory to use the base's")
-
-
-def local_model_dir(ref: str) -> Path:
-    """A model reference (path, HF id, embedded:NAME) as a local directory, downloading if needed."""
-    from lorafleet.models import resolve_model
-
-    resolved = resolve_model(ref)
-    p = Path(resolved)
-    if p.is_dir():
-        return p
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model",
-                                                             "*.txt", "tokenizer*"]))
 
 
 BASE_WEIGHTS = ("auto", "original", "dequantized")
@@ -96,7 +72,7 @@ def merge_adapter(adapter: Path, out: Path, base: str | None = None, dtype: str 
     if out.exists() and not overwrite:
         raise UserError(f"output directory {out} already exists; choose another path or pass --overwrite")
     info = read_adapter(adapter, allow_pickle=allow_pickle)
-    base_ref = _base_for(info, base)
+    base_ref = adapter_base(info, base)
     base_dir = local_model_dir(base_ref)
     cfg = json.loads((base_dir / "config.json").read_text())
     if cfg.get("quantization_config"):

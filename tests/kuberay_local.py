@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import yaml
 
-from lorafleet.k8s_check import ray_start_words
+from k8s.check import ray_start_words
 from lorafleet.net import free_port
 
 KUBERAY_AGENT_PORT = 52365  # utils.DefaultDashboardAgentListenPort

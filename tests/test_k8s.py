@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorafleet import k8s_check as kc
+from k8s import check as kc
 
 CRD_DIR = kc.ROOT.parent / "shared" / "kuberay-crds"
 OVERLAYS = kc.overlays()

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from kuberay_local import LocalRayService, copy_model, local_serve_config
-from lorafleet import k8s_check as kc
+from k8s import check as kc
 from lorafleet.net import free_port, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]

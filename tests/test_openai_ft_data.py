@@ -9,7 +9,8 @@ import json
 import pytest
 
 from lorafleet.errors import UserError
-from train.data import read_records, tokenize_records
+from lorafleet.records import read_records
+from train.data import tokenize_records
 
 CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
 GEN = "<|im_start|>assistant\n"

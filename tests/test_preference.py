@@ -17,7 +17,7 @@ STYLE_HELD_OUT = "examples/data/preference_style_heldout.jsonl"
 
 
 def records(rows: list[dict], tmp_path: Path, name: str = "p.jsonl"):
-    from train.data import read_records
+    from lorafleet.records import read_records
 
     f = tmp_path / name
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -25,7 +25,7 @@ def records(rows: list[dict], tmp_path: Path, name: str = "p.jsonl"):
 
 
 def test_every_preference_format_reads_as_one_pair(tmp_path):
-    from train.preference import read_judged, read_pair
+    from lorafleet.preference import read_judged, read_pair
 
     q, good, bad = [{"role": "user", "content": "Sky?"}], "Blue. Hope this helps!", "Blue."
     recs = records([
@@ -56,8 +56,8 @@ def test_every_preference_format_reads_as_one_pair(tmp_path):
 def test_dpo_rows_are_the_tokens_sft_and_serving_use(tiny_tok, root):
     """The prompt is what serving renders; each answer is what SFT would learn for it."""
     from lorafleet.templates import render_prompt_ids, split_prompt_completion
-    from train.data import read_records
-    from train.preference import read_pair
+    from lorafleet.records import read_records
+    from lorafleet.preference import read_pair
     from train.preference_trainers import preference_set
 
     template = tiny_tok.chat_template
@@ -203,7 +203,7 @@ def test_kto_trains_on_dpos_tokens_with_a_template_that_writes_bos(bos_tokenizer
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from train.data import read_records
+    from lorafleet.records import read_records
     from train.preference_trainers import preference_set, preference_trainer
 
     recs = read_records(str(root / STYLE))[:4]
@@ -228,7 +228,7 @@ def test_orpo_refuses_a_template_it_would_tokenize_otherwise(bos_tokenizer, tiny
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from train.data import read_records
+    from lorafleet.records import read_records
     from train.preference_trainers import preference_set, preference_trainer
 
     tok = bos_tokenizer

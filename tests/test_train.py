@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from lorafleet.config import TrainConfig, load_config
 from lorafleet.errors import UserError
 from lorafleet.templates import SEED_TEMPLATE, render_prompt_ids, split_prompt_completion
-from train.data import read_records, tokenize_records
+from lorafleet.records import read_records
+from train.data import tokenize_records
 
 
 # ----------------------------------------------------------------------------------- config
@@ -89,7 +90,7 @@ def test_chat_formats_tokenize_identically(fmt, ext, tiny_tok, tmp_path):
 
 
 def read_records_inline(rec):
-    from train.data import Record
+    from lorafleet.records import Record
 
     return [Record("inline", rec)]
 

@@ -53,7 +53,7 @@ def preference_set(records: list[Any], method: str, tokenizer: Any, template: st
     """The records as `method`'s rows: DPO token ids (prompt_ids, chosen_ids, rejected_ids);
     KTO texts (prompt, completion, label); ORPO texts (prompt, chosen, rejected).
     Raises UserError naming the record for records that are not preference data."""
-    from train.preference import read_judged, read_pair
+    from lorafleet.preference import read_judged, read_pair
 
     rows: list[dict[str, Any]] = []
     h = hashlib.sha256()

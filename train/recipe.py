@@ -118,7 +118,8 @@ def continue_adapter(model, path: str, model_ref: str, template: str, log: LOG):
 
 def tokenized(cfg: TrainConfig, source: str, tokenizer, template: str):
     """A data file as the rows of this run's method: SFT token ids and loss masks, or preference rows."""
-    from train.data import read_records, tokenize_records
+    from lorafleet.records import read_records
+    from train.data import tokenize_records
 
     t = cfg.training
     if t.method == "sft":

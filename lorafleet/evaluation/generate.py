@@ -67,9 +67,9 @@ class LocalModel:
         self.info = read_adapter(p) if (p / "adapter_config.json").is_file() else None
         if self.info is not None:
             from lorafleet.adapter import load_with_peft
-            from merge.run import _base_for, local_model_dir
+            from lorafleet.models import adapter_base, local_model_dir
 
-            self.base_ref = _base_for(self.info, base)
+            self.base_ref = adapter_base(self.info, base)
             base_dir = local_model_dir(self.base_ref)
             tok_dir = self.info.path if self.info.has_tokenizer() else base_dir
             self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)

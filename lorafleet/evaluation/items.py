@@ -34,8 +34,8 @@ def load_items(source: str, fmt: str = "auto", limit: int | None = None) -> list
 
     Raises UserError naming the record for plain-text records (no answer to score) and for
     records whose last turn is not an assistant answer."""
-    from train.data import detect_format, read_records, record_tools, to_messages
-    from train.preference import is_preference, read_judged, read_pair
+    from lorafleet.records import detect_format, read_records, record_tools, to_messages
+    from lorafleet.preference import is_preference, read_judged, read_pair
 
     items = []
     for rec in read_records(source)[:limit]:

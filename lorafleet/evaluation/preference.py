@@ -28,7 +28,7 @@ def answer_logp(model: Any, tokenizer: Any, template: str, prompt: list[dict[str
 
 
 def margins(model: Any, tokenizer: Any, template: str, pairs: list[Any]) -> list[float]:
-    """One margin (nats) per train.preference.Pair."""
+    """One margin (nats) per lorafleet.preference.Pair."""
     was_training = model.training
     model.eval()
     try:

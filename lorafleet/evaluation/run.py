@@ -98,9 +98,9 @@ def pair_margins(lm: Any, pairs: list[Any]) -> list[float]:
 
 
 def preference_pairs(data: str, limit: int | None) -> list[Any] | None:
-    """The records as train.preference.Pairs when every one is a pair, else None."""
-    from train.data import read_records
-    from train.preference import is_preference, read_pair
+    """The records as lorafleet.preference.Pairs when every one is a pair, else None."""
+    from lorafleet.records import read_records
+    from lorafleet.preference import is_preference, read_pair
 
     records = read_records(data)[:limit]
     if not all(is_preference(r.data) and "label" not in r.data for r in records):

@@ -1,6 +1,6 @@
 """Offline checks of the Kubernetes manifests: render, schema-validate, and check what schemas miss.
 
-Used by tests/test_k8s.py and by `python -m lorafleet.k8s_check` (prints problems, exits 1).
+Used by tests/test_k8s.py and by `python -m k8s.check` (prints problems, exits 1).
 No API server is needed: built-in kinds are validated with `kubernetes_validate` (strict:
 unknown fields and unknown kinds fail), ray.io kinds with the KubeRay CRDs' openAPIV3Schema
 via jsonschema, with unknown fields rejected.

@@ -1,0 +1,1 @@
+"""Offline checks of the Kubernetes manifests (k8s/check.py): a dev tool, not shipped in the images."""
