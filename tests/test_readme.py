@@ -59,20 +59,21 @@ def test_readme_config_reference_is_the_schemas():
 
 def test_every_config_key_is_read_somewhere():
     """A documented key that no code reads does nothing while its doc says it does: each leaf of the
-    train and serve schemas must be read, as `x.key` or `getattr(x, "key")`, outside config.py."""
+    train and serve schemas must be read, as `x.key` or `getattr(x, "key")`. In config.py itself only
+    attribute reads count (a method such as `bnb_config()` passing the key on); its declarations and
+    descriptions do not."""
     import ast
 
     from lorafleet.config import ServeConfig, TrainConfig, config_reference
 
     read: set[str] = set()
-    for d in ("lorafleet", "train", "merge", "serve"):
+    for d in ("lorafleet", "train", "merge", "serve", "k8s"):
         for f in (ROOT / d).rglob("*.py"):
-            if f.name == "config.py" and f.parent.name == "lorafleet":
-                continue
+            in_schema = f.name == "config.py" and f.parent.name == "lorafleet"
             for node in ast.walk(ast.parse(f.read_text())):
                 if isinstance(node, ast.Attribute):
                     read.add(node.attr)
-                elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                elif not in_schema and isinstance(node, ast.Constant) and isinstance(node.value, str):
                     read.add(node.value)  # getattr(cfg, "key"), model_dump()["key"]
     unread = [key for schema in (TrainConfig, ServeConfig) for key, *_ in config_reference(schema)
               if key.rsplit(".", 1)[-1] not in read]
