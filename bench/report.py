@@ -24,7 +24,7 @@ def main() -> None:
                          text=True, check=True, cwd=ROOT).stdout
     text = replace_block(text, "config-reference:train", ref)
     parts = []
-    for name in ("train", "merge", "onnx", "lora_kernel", "serve", "reliability"):
+    for name in ("train", "merge", "qlora_merge", "onnx", "lora_kernel", "serve", "reliability", "tools_json"):
         f = RESULTS / f"{name}.json"
         if not f.is_file():
             continue
