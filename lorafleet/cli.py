@@ -92,15 +92,36 @@ def export_onnx(model: str = typer.Option(..., help="Merged model directory, or 
                 precision: str = typer.Option("fp32", help="fp32 | int8 | int4 (weight-only quantization)."),
                 tolerance: float = typer.Option(None, help="Max |Δlogits| vs PyTorch that fails the export."),
                 adapters: Optional[list[Path]] = typer.Option(
-                    None, help="Adapter directory (repeatable): export MODEL (the base) with LoRA inputs and one "
-                               "adapters/NAME.onnx_adapter each, switchable at run time. fp32 only."),
+                    None, help="Adapter directory (repeatable): export MODEL (the base) with LoRA inputs and "
+                               "convert each into adapters/NAME/, switchable at run time. fp32 only."),
+                lora_target_modules: Optional[list[str]] = typer.Option(
+                    None, help="Give the base LoRA inputs on these modules (repeatable; default with --adapters or "
+                               "--max-lora-rank: q,k,v,o,gate,up,down_proj), for adapters trained later."),
+                max_lora_rank: Optional[int] = typer.Option(
+                    None, min=1, help="Largest rank a later adapter may have (vLLM's max_lora_rank; default: the "
+                                      "adapters' largest, at least 16)."),
                 allow_pickle: bool = typer.Option(False, help="Accept pickle-only adapter_model.bin files."),
                 overwrite: bool = typer.Option(False)):
     """Export to ONNX (decoder with KV cache) for onnxruntime on edge CPUs; verify parity."""
     from merge.onnx import export_onnx as run
 
     run(model, out, precision=precision, tolerance=tolerance, overwrite=overwrite, log=log,
-        adapters=adapters or None, allow_pickle=allow_pickle)
+        adapters=adapters or None, allow_pickle=allow_pickle, lora_target_modules=lora_target_modules or None,
+        max_lora_rank=max_lora_rank)
+
+
+@app.command("onnx-adapter")
+@user_errors
+def onnx_adapter(adapter: Path = typer.Argument(..., help="PEFT adapter directory (trained on the export's base)."),
+                 onnx: Path = typer.Option(..., help="The ONNX export (with LoRA inputs) it is for."),
+                 out: Optional[Path] = typer.Option(None, help="Where NAME/ goes (default: the export's adapters/; "
+                                                              "a running edge server's adapter source works too)."),
+                 allow_pickle: bool = typer.Option(False, help="Accept a pickle-only adapter_model.bin.")):
+    """Convert one adapter for an existing ONNX export, without exporting the base again."""
+    from merge.onnx_adapters import convert_adapter
+
+    path = convert_adapter(onnx, adapter, out, allow_pickle=allow_pickle)
+    log(f"edge adapter at {path.parent} (rescan a running edge server, or POST /v1/load_lora_adapter)")
 
 
 @app.command("eval")
@@ -201,6 +222,31 @@ def serve(config: Optional[Path] = typer.Argument(None, help="Serve YAML (option
     if needs_supervisor(cfg):  # signals to the whole process group reach this process only
         raise typer.Exit(supervise([sys.executable, "-m", "lorafleet.cli", *sys.argv[1:]]))
     launch(cfg, log=log)
+
+
+@app.command("serve-edge")
+@user_errors
+def serve_edge(config: Optional[Path] = typer.Argument(None, help="Serve YAML (optional): served_model_name, "
+                                                                  "adapters, keys, limits, host, port."),
+               onnx: Optional[Path] = typer.Option(None, help="The ONNX export (lorafleet export-onnx) to serve."),
+               adapters: list[str] = typer.Option([], help="More sources of converted edge adapters "
+                                                            "(lorafleet onnx-adapter); the export's adapters/ always."),
+               served_model_name: Optional[str] = typer.Option(None, help="The base's id (default: the export's "
+                                                                           "directory name)."),
+               host: Optional[str] = typer.Option(None),
+               port: Optional[int] = typer.Option(None),
+               set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value.")):
+    """Serve an ONNX export and its adapters behind the OpenAI API on onnxruntime-genai (no Ray, no vLLM)."""
+    from lorafleet.config import ServeConfig, load_config
+    from serve.edge.server import serve_edge as run
+
+    flags = {k: v for k, v in {"model": str(onnx) if onnx else None, "served_model_name": served_model_name,
+                                "host": host, "port": port}.items() if v is not None}
+    if adapters:
+        flags["adapters"] = list(adapters)
+    cfg = load_config(ServeConfig, config, set_)
+    cfg = ServeConfig.model_validate({**cfg.model_dump(), **flags})
+    run(cfg, log_fn=log)
 
 
 @app.command("config-reference")

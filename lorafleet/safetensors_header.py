@@ -64,3 +64,30 @@ def directory_shapes(model_dir: Path) -> dict[str, list[int]]:
     for f in sorted(Path(model_dir).glob("*.safetensors")):
         out.update(shapes(f))
     return out
+
+
+def read_float32(f: Path) -> dict[str, Any]:
+    """Every tensor of one safetensors file as a float32 numpy array, without torch (the edge image
+    has none). F32, F16 and BF16 are read (bfloat16 is the top half of a float32, so it is widened
+    by a 16-bit shift); other dtypes raise UserError naming the tensor.
+    """
+    import numpy as np
+
+    header, data_start = read_header(f)
+    out = {}
+    with open(f, "rb") as fh:
+        for name, meta in header.items():
+            begin, end = meta["data_offsets"]
+            fh.seek(data_start + begin)
+            raw = fh.read(end - begin)
+            dt = meta["dtype"]
+            if dt == "F32":
+                arr = np.frombuffer(raw, "<f4")
+            elif dt == "F16":
+                arr = np.frombuffer(raw, "<f2").astype(np.float32)
+            elif dt == "BF16":
+                arr = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+            else:
+                raise UserError(f"{f}: tensor {name!r} is {dt}; LoRA factors must be F32, F16 or BF16")
+            out[name] = arr.reshape(meta["shape"]).copy()
+    return out

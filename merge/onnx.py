@@ -29,8 +29,14 @@ DEFAULT_TOLERANCE = {"fp32": 1e-2, "int8": None, "int4": None}
 
 def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: float | None = None,
                 overwrite: bool = False, gen_tokens: int = 16, log: Callable[[str], None] = print,
-                adapters: list[Path] | None = None, allow_pickle: bool = False) -> Path:
-    """Export `model`; with `adapters`, export it as a base with LoRA inputs plus one .onnx_adapter each."""
+                adapters: list[Path] | None = None, allow_pickle: bool = False,
+                lora_target_modules: list[str] | None = None, max_lora_rank: int | None = None) -> Path:
+    """Export `model` to `out`. With `adapters`, `lora_target_modules` or `max_lora_rank`, the
+    base gets LoRA inputs on the adapters' modules plus every `lora_target_modules` module (by
+    default merge.onnx_adapters.DEFAULT_TARGETS), at rank up to `max_lora_rank` (default: the
+    adapters' largest, at least 16), and each adapter is converted into adapters/NAME/; later
+    adapters are converted with `lorafleet onnx-adapter`. UserError (nothing written) on bad input
+    or a parity check above the tolerance."""
     from merge import onnx_adapters
 
     if precision not in DEFAULT_TOLERANCE:
@@ -42,19 +48,29 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
     model = Path(model)
     if not (model / "config.json").is_file():
         raise UserError(f"{model} is not an HF model directory (no config.json); export a merged model directory")
-    if adapters and precision != "fp32":
-        raise UserError(f"--adapters works with --precision fp32 only: {precision} would quantize the LoRA "
-                        "weights into the graph. Export the base alone for int8/int4, or merge each adapter")
+    open_export = bool(adapters or lora_target_modules or max_lora_rank)
+    if open_export and precision != "fp32":
+        raise UserError(f"LoRA inputs (--adapters, --lora-target-modules, --max-lora-rank) work with --precision "
+                        f"fp32 only: {precision} would quantize the LoRA weights into the graph. Export the base "
+                        "alone for int8/int4, or merge each adapter")
     infos = onnx_adapters.read_edge_adapters(model, adapters, allow_pickle) if adapters else []
+    if open_export:
+        table = {**onnx_adapters.base_module_table(model, lora_target_modules or list(onnx_adapters.DEFAULT_TARGETS)),
+                 **onnx_adapters.module_table(infos)}
+        top = max((i.rank for i in infos), default=0)
+        if max_lora_rank is not None and top > max_lora_rank:
+            big = max(infos, key=lambda i: i.rank)
+            raise UserError(f"adapter {big.name} has rank {big.rank}, above --max-lora-rank {max_lora_rank}; "
+                            f"raise --max-lora-rank to {big.rank} or more")
+        rank = max_lora_rank or max(top, 16)
     tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE[precision]
     t0 = time.time()
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        if infos:
-            names = onnx_adapters.export_base_with_lora_inputs(model, tmp, infos, log)
+        if open_export:
+            inputs = onnx_adapters.export_base_with_lora_inputs(model, tmp, dict(sorted(table.items())), rank, log)
             for info in infos:
-                log(f"writing {onnx_adapters.ADAPTERS_DIR}/{info.name}.onnx_adapter")
-                onnx_adapters.write_onnx_adapter(info, names, max(i.rank for i in infos),
-                                                 tmp / onnx_adapters.ADAPTERS_DIR)
+                log(f"writing {onnx_adapters.ADAPTERS_DIR}/{info.name}/")
+                onnx_adapters.write_onnx_adapter(info, inputs, tmp / onnx_adapters.ADAPTERS_DIR)
         else:
             log(f"exporting {model} to ONNX ({precision}, KV cache, CPU) with onnxruntime-genai's builder")
             cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(tmp),
@@ -146,7 +162,7 @@ class OnnxGenerator:
 
     def use(self, adapter: str | None) -> "OnnxGenerator":
         """Generate with this exported adapter from now on (None: the base); each loads once."""
-        from merge.onnx_adapters import ADAPTERS_DIR, adapter_names
+        from merge.onnx_adapters import ADAPTERS_DIR, WEIGHTS, adapter_names
 
         if adapter is not None and adapter not in self.loaded:
             known = adapter_names(self.dir)
@@ -155,7 +171,7 @@ class OnnxGenerator:
                                 f"{', '.join(known) or 'none; export with --adapters'})")
             if self.adapters is None:
                 self.adapters = self.og.Adapters(self.model)
-            self.adapters.load(str(self.dir / ADAPTERS_DIR / f"{adapter}.onnx_adapter"), adapter)
+            self.adapters.load(str(self.dir / ADAPTERS_DIR / adapter / WEIGHTS), adapter)
             self.loaded.add(adapter)
         self.adapter = adapter
         return self

@@ -15,6 +15,13 @@ covers every module any of the adapters touches, at the largest rank, then:
 - write each adapter's A^T and (scale * B)^T under those names with `onnxruntime.AdapterFormat`,
   zero-padded to the graph's rank (exact: the extra rank-1 terms are 0; the builder gives the
   LoRA intermediates static shapes, so every adapter must present the same rank).
+
+The export is open (vLLM's `max_lora_rank` idea): the template may cover more modules than the
+adapters at hand (`--lora-target-modules`, by default every attention and MLP projection) at a
+chosen `--max-lora-rank`, and `lora_inputs.json` records the graph's LoRA inputs, so an adapter
+trained later is converted on its own (`convert_adapter`, `lorafleet onnx-adapter`, or the edge
+server's load/rescan) without exporting the base again. Conversion reads safetensors with numpy
+only: the edge server runs it without torch.
 """
 
 from __future__ import annotations
@@ -28,13 +35,18 @@ from typing import Callable
 
 import numpy as np
 
-from lorafleet.adapter import AdapterInfo, check_against_base, load_adapter_tensors, lora_pairs, read_adapter, unsupported
+from lorafleet.adapter import AdapterInfo, check_against_base, lora_pairs, name_some, read_adapter, unsupported
+from lorafleet.edge_adapter import ADAPTERS_DIR, EDGE_ADAPTER, LORA_INPUTS, WEIGHTS, read_lora_inputs
 from lorafleet.errors import UserError
 
-ADAPTERS_DIR = "adapters"
+# What an open export gives LoRA inputs by default: the projections of attention and MLP, the
+# modules LoRA recipes (and vLLM's default LoRA layers) target.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def read_edge_adapters(model: Path, adapter_dirs: list[Path], allow_pickle: bool = False) -> list[AdapterInfo]:
+    """The adapters to export with `model`, each checked against it (fingerprint, shapes) and
+    against what an edge adapter can hold; UserError naming the adapter otherwise."""
     from lorafleet.models import base_fingerprint, module_shapes
 
     shapes = module_shapes(str(model))
@@ -50,8 +62,6 @@ def read_edge_adapters(model: Path, adapter_dirs: list[Path], allow_pickle: bool
             raise UserError(f"two adapters are named {info.name}; adapter names must be unique (rename a directory)")
         names.add(info.name)
         infos.append(info)
-    if not infos:
-        raise UserError("--adapters: give at least one adapter directory")
     return infos
 
 
@@ -61,13 +71,27 @@ def module_table(infos: list[AdapterInfo]) -> dict[str, tuple[int, int]]:
     return dict(sorted(table.items()))
 
 
-def write_template_adapter(infos: list[AdapterInfo], model: Path, out: Path) -> dict[str, int]:
-    """A PEFT adapter over every module, rank = the largest rank, scale 1, markers at [0, 0]."""
+def base_module_table(model: Path, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """The base's linear modules whose last name is in `targets` (peft's rule for a list of
+    names), inside its decoder layers -> (in_features, out_features). UserError when none match."""
+    from lorafleet.models import module_shapes
+
+    table = {}
+    for key, shape in module_shapes(str(model)).items():
+        mod = key.removesuffix(".weight")
+        if key.endswith(".weight") and len(shape) == 2 and ".layers." in mod and mod.rsplit(".", 1)[-1] in targets:
+            table[mod] = (shape[1], shape[0])
+    if not table:
+        raise UserError(f"--lora-target-modules {','.join(targets)}: the base {model} has no such linear modules "
+                        f"in its layers; use names such as {', '.join(DEFAULT_TARGETS)}")
+    return dict(sorted(table.items()))
+
+
+def write_template_adapter(table: dict[str, tuple[int, int]], rank: int, model: Path, out: Path) -> dict[str, int]:
+    """A PEFT adapter over every module of `table`, rank `rank`, scale 1, markers at [0, 0]."""
     from safetensors.torch import save_file
     import torch
 
-    table = module_table(infos)
-    rank = max(i.rank for i in infos)
     tensors, markers = {}, {}
     for idx, (mod, (fin, fout)) in enumerate(table.items(), start=1):
         a = torch.zeros(rank, fin)
@@ -87,12 +111,15 @@ def write_template_adapter(infos: list[AdapterInfo], model: Path, out: Path) -> 
     return markers
 
 
-def export_base_with_lora_inputs(model: Path, out: Path, infos: list[AdapterInfo], log: Callable[[str], None]) -> dict:
-    """Run the builder with the template adapter, then turn its LoRA weights into zero-default inputs."""
+def export_base_with_lora_inputs(model: Path, out: Path, table: dict[str, tuple[int, int]], rank: int,
+                                 log: Callable[[str], None]) -> dict:
+    """Run the builder with the template adapter, then turn its LoRA weights into zero-default
+    inputs and record them in `lora_inputs.json`; returns that record."""
+    from lorafleet.models import base_fingerprint
+
     template = out / ".lora-template"
-    markers = write_template_adapter(infos, model, template)
-    log(f"exporting {model} with LoRA inputs on {len(markers)} modules (rank up to "
-        f"{max(i.rank for i in infos)}) for {len(infos)} adapter(s)")
+    markers = write_template_adapter(table, rank, model, template)
+    log(f"exporting {model} with LoRA inputs on {len(markers)} modules, rank up to {rank}")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out),
            "-p", "fp32", "-e", "cpu", "-c", str(out / ".cache"), "--extra_options", f"adapter_path={template}"]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -100,7 +127,12 @@ def export_base_with_lora_inputs(model: Path, out: Path, infos: list[AdapterInfo
     shutil.rmtree(template, ignore_errors=True)
     if res.returncode != 0:
         raise UserError(f"ONNX export failed (builder exit {res.returncode}):\n{res.stderr.strip()[-2000:]}")
-    return make_lora_inputs(out, markers)
+    names = make_lora_inputs(out, markers)
+    inputs = {"source": str(model), "base_fingerprint": base_fingerprint(str(model))["fingerprint"],
+              "max_rank": rank,
+              "modules": {mod: {**names[mod], "shape": [fout, fin]} for mod, (fin, fout) in table.items()}}
+    (out / LORA_INPUTS).write_text(json.dumps(inputs, indent=1) + "\n")
+    return inputs
 
 
 def make_lora_inputs(out: Path, markers: dict[str, int]) -> dict[str, dict[str, str]]:
@@ -137,39 +169,89 @@ def make_lora_inputs(out: Path, markers: dict[str, int]) -> dict[str, dict[str, 
     return names
 
 
-def write_onnx_adapter(info: AdapterInfo, names: dict[str, dict[str, str]], rank: int, out_dir: Path) -> Path:
-    """The adapter's A^T and (scale * B)^T, zero-padded to `rank`, under the graph's input names."""
+def check_fits(info: AdapterInfo, inputs: dict) -> None:
+    """Refuse (UserError naming the module or the rank, and the fix) an adapter the export's
+    LoRA inputs cannot hold: another base, a rank above the export's, a module without inputs."""
+    why = unsupported(info, "edge")
+    if why:
+        raise UserError(f"adapter {info.name} cannot be used as an edge adapter: {why}")
+    if info.rank > inputs["max_rank"]:
+        raise UserError(f"adapter {info.name} has rank {info.rank}, above this export's max rank {inputs['max_rank']}; "
+                        f"export the base again with --max-lora-rank {info.rank} (or more)")
+    missing = sorted(m for m in lora_pairs(info.tensors, info.name) if m not in inputs["modules"])
+    if missing:
+        have = sorted({m.rsplit(".", 1)[-1] for m in inputs["modules"]})
+        raise UserError(f"adapter {info.name} adapts {len(missing)} modules this export has no LoRA inputs for: "
+                        f"{name_some(missing)} (it has {', '.join(have)}); export the base again with "
+                        "--lora-target-modules naming them")
+    shapes = {m + ".weight": v["shape"] for m, v in inputs["modules"].items()}
+    check_against_base(info, shapes, inputs.get("base_fingerprint"))
+
+
+def adapter_arrays(info: AdapterInfo) -> dict[str, np.ndarray]:
+    """The adapter's tensors as float32 numpy arrays: safetensors without torch; pickled .bin
+    weights (allow_pickle) through torch."""
+    if info.pickled:
+        from lorafleet.adapter import load_adapter_tensors
+
+        return {k: v.float().numpy() for k, v in load_adapter_tensors(info).items()}
+    from lorafleet.safetensors_header import read_float32
+
+    return read_float32(info.weights)
+
+
+def write_onnx_adapter(info: AdapterInfo, inputs: dict, out_dir: Path) -> Path:
+    """Convert `info` for an export with LoRA inputs `inputs` into the directory `out_dir/NAME`:
+    `adapter.onnx_adapter` (A^T and (scale * B)^T, zero-padded to the export's rank, under the
+    graph's input names; peft's scale, `AdapterInfo.scale_for`), `edge_adapter.json` (what the edge
+    gate checks: base fingerprint, rank, parameter shapes, the chat template it was trained with)
+    and its lorafleet.json (the recorded evaluation). The directory appears whole or not at all."""
     import onnxruntime as ort
 
+    from lorafleet.atomic import atomic_dir
+
+    rank = inputs["max_rank"]
     params = {}
-    for mod, (a, b) in lora_pairs(load_adapter_tensors(info), info.name).items():
-        scale = info.scale_for(mod)
-        r = a.shape[0]
+    for mod, (a, b) in lora_pairs(adapter_arrays(info), info.name).items():
+        names, scale, r = inputs["modules"][mod], info.scale_for(mod), a.shape[0]
         a_t = np.zeros((a.shape[1], rank), np.float32)
         b_t = np.zeros((rank, b.shape[0]), np.float32)
-        a_t[:, :r] = a.float().numpy().T
-        b_t[:r, :] = (b.float() * scale).numpy().T
-        params[names[mod]["A"]] = a_t
-        params[names[mod]["B"]] = b_t
+        a_t[:, :r] = a.T
+        b_t[:r, :] = (b * scale).T
+        params[names["A"]] = a_t
+        params[names["B"]] = b_t
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
     fmt.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in params.items()})
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"{info.name}.onnx_adapter"
-    fmt.export_adapter(str(path))
-    # The template the adapter was trained with, so `lorafleet generate --adapter` prompts it alike.
-    (out_dir / f"{info.name}.json").write_text(json.dumps({
-        "name": info.name, "source": str(info.path), "rank": info.rank, "modules": len(params) // 2,
-        "template": info.template}, indent=2) + "\n")
-    return path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dest = out_dir / info.name
+    with atomic_dir(dest, overwrite=True) as tmp:
+        fmt.export_adapter(str(tmp / WEIGHTS))
+        (tmp / EDGE_ADAPTER).write_text(json.dumps({
+            "name": info.name, "source": str(info.path), "rank": info.rank, "max_rank": rank,
+            "base_fingerprint": inputs.get("base_fingerprint"), "modules": len(params) // 2,
+            "parameters": {n: list(v.shape) for n, v in params.items()}, "template": info.template}, indent=1) + "\n")
+        if info.manifest is not None:
+            (tmp / "lorafleet.json").write_text(json.dumps(info.manifest, indent=2) + "\n")
+    return dest / WEIGHTS
+
+
+def convert_adapter(onnx_dir: Path, adapter_dir: Path, out_dir: Path | None = None, allow_pickle: bool = False) -> Path:
+    """Convert one PEFT adapter for an existing export (no base re-export): checked against the
+    export's LoRA inputs, written to `out_dir` (default: the export's adapters/). Returns the
+    .onnx_adapter path; UserError (nothing written) when it does not fit."""
+    inputs = read_lora_inputs(onnx_dir)
+    info = read_adapter(adapter_dir, allow_pickle=allow_pickle)
+    check_fits(info, inputs)
+    return write_onnx_adapter(info, inputs, Path(out_dir) if out_dir else Path(onnx_dir) / ADAPTERS_DIR)
 
 
 def adapter_template(onnx_dir: Path, name: str) -> str | None:
-    meta = Path(onnx_dir) / ADAPTERS_DIR / f"{name}.json"
+    meta = Path(onnx_dir) / ADAPTERS_DIR / name / EDGE_ADAPTER
     return json.loads(meta.read_text()).get("template") if meta.is_file() else None
 
 
 def adapter_names(onnx_dir: Path) -> list[str]:
     d = Path(onnx_dir) / ADAPTERS_DIR
-    return sorted(p.name[: -len(".onnx_adapter")] for p in d.glob("*.onnx_adapter")) if d.is_dir() else []
+    return sorted(p.name for p in d.iterdir() if (p / EDGE_ADAPTER).is_file()) if d.is_dir() else []

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel
+
 # Routes the replica answers with vLLM's serving classes (method, path). Everything else the
 # front answers itself (models, admin, health, metrics) or refuses.
 OPENAI_ROUTES = {
@@ -75,3 +77,18 @@ class End:
 class AdapterLoadError(RuntimeError):
     """The engine refused an adapter that passed the registry's gate: the adapter's fault (a 422;
     the registry marks it refused), not the engine's (a 503)."""
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter's body, vLLM's fields (vllm.entrypoints.serve.lora.protocol; a
+    test keeps the two equal), here so that a server without vLLM takes the same bodies."""
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+    is_3d_lora_weight: bool = False
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter's body, vLLM's fields."""
+    lora_name: str
+    lora_int_id: int | None = None

@@ -93,7 +93,7 @@ def build_frontend(cfg: ServeConfig, model_path: str, backend: Any, max_model_le
     """The front (serve/routes.py) for this deployment: registry, keys, limits."""
     from lorafleet.models import base_fingerprint, cache_root, module_shapes
     from serve.auth import read_keys
-    from serve.registry import AdapterRegistry
+    from serve.registry import AdapterRegistry, log_adapters
     from serve.routes import Frontend
 
     fp = base_fingerprint(model_path)["fingerprint"] if Path(model_path).is_dir() else None
@@ -111,17 +111,6 @@ def build_frontend(cfg: ServeConfig, model_path: str, backend: Any, max_model_le
                     max_model_len=max_model_len, limits=cfg.limits,
                     api_keys=read_keys("LORAFLEET_API_KEY", cfg.api_keys_file),
                     admin_keys=read_keys("LORAFLEET_ADMIN_KEY", cfg.admin_keys_file), root_model=cfg.model)
-
-
-def log_adapters(registry: Any, model_path: str) -> None:
-    """What an operator needs at start: which adapters will be served, which not and why."""
-    served = [a.name for a in registry.servable()]
-    log.info("adapters served (%d): %s", len(served), ", ".join(served) or "none")
-    for name, why in sorted(registry.rejected.items()):
-        log.warning("adapter %s is not served: %s", name, why)
-    if registry.adapters and not registry.base_shapes:
-        log.warning("the weights of %s cannot be read yet (not downloaded): adapters' module names are checked "
-                    "against the base once they can", model_path)
 
 
 def lora_target_modules(extra_args: list[str]) -> list[str] | None:

@@ -76,7 +76,8 @@ def download_adapter(uri: str, dest: Path, max_bytes: int) -> None:
     if uri.startswith("hf://"):
         from huggingface_hub import snapshot_download
 
-        snapshot_download(uri[5:], local_dir=dest, allow_patterns=["adapter_config.json", "*.safetensors", "lorafleet.json"])
+        snapshot_download(uri[5:], local_dir=dest, allow_patterns=["adapter_config.json", "*.safetensors", "lorafleet.json",
+                                                                 "edge_adapter.json", "*.onnx_adapter"])
         return
     import fsspec
 
@@ -130,6 +131,15 @@ class AdapterRegistry:
         # loaded again through the admin API (load_inplace for one that is listed).
         self.engine_refused: set[str] = set()
         self._lock = threading.Lock()
+
+    # What an engine serves: the file that makes a directory an adapter, how one is read, and
+    # the gate (`gate` below). The ONNX engine's registry (serve/edge/registry.py) changes these.
+    marker = "adapter_config.json"
+    reads_base_weights = True  # the gate reads the base's weight shapes (once they are downloaded)
+
+    def read(self, local: Path) -> Any:
+        """The adapter at `local`, read and checked (UserError naming the problem)."""
+        return read_adapter(local, allow_pickle=self.allow_pickle)
 
     # ------------------------------------------------------------------------------ scanning
     def local_roots(self) -> list[Path]:
@@ -218,18 +228,18 @@ class AdapterRegistry:
                 entries = fs.ls(root, detail=False)
             except FileNotFoundError:
                 return []
-            if any(e.rstrip("/").endswith("adapter_config.json") for e in entries):
+            if any(e.rstrip("/").endswith(self.marker) for e in entries):
                 return [(root.rstrip("/").rsplit("/", 1)[-1], src)]
             for e in entries:
-                if fs.exists(f"{e}/adapter_config.json"):
+                if fs.exists(f"{e}/{self.marker}"):
                     out.append((e.rstrip("/").rsplit("/", 1)[-1], f"{proto}://{e}"))
             return out
         root = Path(src.removeprefix("file://"))
         if not root.exists():
             return []  # a PVC that is not mounted yet: listed as empty, retried on rescan
-        if (root / "adapter_config.json").is_file():
+        if (root / self.marker).is_file():
             return [(root.name, str(root))]
-        return sorted((d.name, str(d)) for d in root.iterdir() if (d / "adapter_config.json").is_file())
+        return sorted((d.name, str(d)) for d in root.iterdir() if (d / self.marker).is_file())
 
     # ------------------------------------------------------------------------------- lookup
     def get(self, name: str) -> Adapter | None:
@@ -292,7 +302,7 @@ class AdapterRegistry:
             if size > self.max_adapter_bytes:
                 raise UserError(f"adapter {a.name} is {size / 2**20:.0f} MiB, above the limit "
                                 f"limits.max_adapter_bytes={self.max_adapter_bytes}")
-            info = read_adapter(local, allow_pickle=self.allow_pickle)
+            info = self.read(local)
             self.gate(info)
         except UserError as e:
             self.rejected[a.name] = str(e)
@@ -365,7 +375,7 @@ class AdapterRegistry:
             return Path(a.uri)
         key = hashlib.sha256(a.uri.encode()).hexdigest()[:16]
         dest = self.cache_dir / f"{a.name}-{key}"
-        if (dest / "adapter_config.json").is_file() and not refresh:
+        if (dest / self.marker).is_file() and not refresh:
             return dest
         tmp = self.cache_dir / f".{dest.name}.tmp-{os.getpid()}"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -382,6 +392,17 @@ class AdapterRegistry:
             except UserError:
                 pass
         return max(ranks, default=16)
+
+
+def log_adapters(registry: Any, model_path: str) -> None:
+    """What an operator needs at start: which adapters will be served, which not and why."""
+    served = [a.name for a in registry.servable()]
+    log.info("adapters served (%d): %s", len(served), ", ".join(served) or "none")
+    for name, why in sorted(registry.rejected.items()):
+        log.warning("adapter %s is not served: %s", name, why)
+    if registry.adapters and registry.reads_base_weights and not registry.base_shapes:
+        log.warning("the weights of %s cannot be read yet (not downloaded): adapters' module names are checked "
+                    "against the base once they can", model_path)
 
 
 def _read_manifest(directory: Path) -> dict | None:

@@ -18,7 +18,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorafleet.config import LimitsSection
 from serve.auth import KeyCheck
-from serve.contract import OPENAI_ROUTES, AdapterLoadError, AdapterRef, End, ReplicaRequest, Start
+from serve.contract import (OPENAI_ROUTES, AdapterLoadError, AdapterRef, End, LoadLoRAAdapterRequest, ReplicaRequest,
+                            Start, UnloadLoRAAdapterRequest)
 from serve.errors import OpenAIError, adapter_refused
 from serve.metrics import Metrics
 from serve.registry import AdapterRegistry
@@ -56,6 +57,13 @@ class Backend(Protocol):
     async def health(self) -> None: ...
 
 
+def vllm_model_card(**fields: Any) -> dict[str, Any]:
+    """A /v1/models entry as vLLM's ModelCard writes it (the vLLM engine's server)."""
+    from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
+
+    return ModelCard(**fields, permission=[ModelPermission()]).model_dump()
+
+
 @dataclass
 class Frontend:
     """Everything the front's routes need."""
@@ -68,6 +76,9 @@ class Frontend:
     admin_keys: list[str] = field(default_factory=list)
     root_model: str = ""
     metrics: Metrics = field(default_factory=Metrics)
+    # Builds one /v1/models entry from its fields (id, root, parent, owned_by, created, max_model_len):
+    # vLLM's ModelCard for the vLLM engine, the openai package's Model for the ONNX engine.
+    model_card: Callable[..., dict[str, Any]] = vllm_model_card
     per_key_in_flight: defaultdict = field(default_factory=lambda: defaultdict(int))
     draining: bool = False
     # Adapters unloaded through the admin API, by time. The unload reaches one engine replica;
@@ -318,6 +329,8 @@ class OpenAIRoute:
 
     def _failed(self, req: ReplicaRequest, e: BaseException) -> OpenAIError:
         """The error for a replica that failed before answering."""
+        if isinstance(e, OpenAIError):  # the replica refused the request itself (a field its engine lacks)
+            return e
         if req.adapter is not None and isinstance(e, AdapterLoadError):  # also as Ray's RayTaskError(...)
             msg = str(getattr(e, "cause", None) or e)
             self.fe.registry.refused_by_engine(req.adapter.name, msg)
@@ -339,16 +352,12 @@ async def _disconnected(receive) -> None:
 
 # ------------------------------------------------------------------------------------ the app
 def model_cards(fe: Frontend) -> list[dict[str, Any]]:
-    """/v1/models: the base and every adapter the registry serves, as vLLM's ModelCard."""
-    from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
-
+    """/v1/models: the base and every adapter the registry serves, in the engine's card shape."""
     fe.registry.scan()
-    cards = [ModelCard(id=fe.served_name, root=fe.root_model or fe.served_name, owned_by="lorafleet",
-                       max_model_len=fe.max_model_len, permission=[ModelPermission()])]
-    out = [cards[0].model_dump()]
+    out = [fe.model_card(id=fe.served_name, root=fe.root_model or fe.served_name, owned_by="lorafleet",
+                         max_model_len=fe.max_model_len)]
     for a in fe.registry.servable():
-        card = ModelCard(id=a.name, root=a.uri, parent=fe.served_name, owned_by="lorafleet", created=a.created,
-                         permission=[ModelPermission()]).model_dump()
+        card = fe.model_card(id=a.name, root=a.uri, parent=fe.served_name, owned_by="lorafleet", created=a.created)
         if a.eval:  # the recorded evaluation (lorafleet eval): what a client can judge the adapter by
             card["eval"] = {k: a.eval.get(k) for k in ("data", "items", "adapter_scores", "base_scores", "created")}
         out.append(card)
@@ -413,7 +422,6 @@ def build_app(fe: Frontend) -> FastAPI:
 def add_admin_routes(app: FastAPI, fe: Frontend) -> None:
     """vLLM's runtime LoRA routes (same bodies), over the registry, and a rescan of the sources."""
     from pydantic import ValidationError
-    from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
     async def parsed(request: Request, model):
         try:
@@ -453,5 +461,5 @@ def add_admin_routes(app: FastAPI, fe: Frontend) -> None:
 
     @app.post("/v1/adapters/rescan")
     async def rescan():
-        found = await asyncio.to_thread(fe.registry.scan)
-        return {"adapters": sorted(found), "rejected": fe.registry.rejected}
+        await asyncio.to_thread(fe.registry.scan)  # the gate runs on new adapters: refused ones are not listed
+        return {"adapters": [a.name for a in fe.registry.servable()], "rejected": fe.registry.rejected}

@@ -224,14 +224,24 @@ def reduce_stream(text: str) -> dict:
 
 
 def rounded(x):
-    """Logprobs to 2 decimals: batched float32 sums may differ in the last bits."""
-    if isinstance(x, float):
-        return round(x, 2)
+    """The answer without logprob `bytes` (floats are compared by `close`)."""
     if isinstance(x, list):
         return [rounded(v) for v in x]
     if isinstance(x, dict):
         return {k: rounded(v) for k, v in x.items() if k != "bytes"}
     return x
+
+
+def close(a, b, tol: float = 0.02) -> bool:
+    """Equal answers, logprobs within `tol`: batched float32 sums differ in the last bits, and a
+    fixed rounding would still split values that lie either side of a rounding boundary."""
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= tol
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], tol) for k in a)
+    return a == b
 
 
 def check_refusal(status: int, answer: object, body: dict) -> None:
@@ -292,7 +302,7 @@ def test_requests_together_answer_as_alone(stack):
         check_refusal(s2, a2, body)
         if body["model"] == "twin" and 404 in (s1, s2):
             continue  # unloaded at that moment: a 404 is its right answer
-        if (s1, a1) != (s2, a2) and not (s1 == s2 and s1 >= 400):
+        if not (s1 == s2 and (s1 >= 400 or close(a1, a2))):
             diffs.append((path, body, (s1, a1), (s2, a2)))
     assert not diffs, f"{len(diffs)} of {COUNT} answers differ when sent together; first: {diffs[0]}"
     assert rounds > 0

@@ -74,7 +74,7 @@ def test_edge_adapters_hot_swap_on_one_base_graph(tiny_base, tiny_adapters, tmp_
     for r in [rep, *rep["adapters"].values()]:
         assert r["max_abs_logits_diff"] < 1e-3
         assert r["greedy_tokens_matched"] == r["greedy_tokens_compared"] > 0
-    assert (out / "adapters/alpha.onnx_adapter").is_file() and (out / "adapters/beta.onnx_adapter").is_file()
+    assert (out / "adapters/alpha/adapter.onnx_adapter").is_file() and (out / "adapters/beta/adapter.onnx_adapter").is_file()
 
     # Switching adapters on the same loaded graph changes the answer exactly as peft does.
     ids = [5, 17, 33, 2, 41, 9]
@@ -107,3 +107,31 @@ def test_edge_adapters_refusals(tiny_base, tiny_adapters, tmp_path):
     with pytest.raises(UserError, match="DoRA.*merge it"):
         export_onnx(tiny_base, tmp_path / "e", adapters=[dora], **quiet)
     assert not (tmp_path / "e").exists()
+
+
+def test_open_export_takes_an_adapter_trained_later(tiny_base, tiny_adapters, tmp_path):
+    """The base exported once with LoRA inputs and no adapter; an adapter converted afterwards on
+    its own equals peft; one that does not fit is refused naming the rank or the module."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from merge.onnx_adapters import convert_adapter, read_lora_inputs
+
+    out = export_onnx(tiny_base, tmp_path / "open", max_lora_rank=16, **quiet)
+    inputs = read_lora_inputs(out)
+    assert inputs["max_rank"] == 16 and len(inputs["modules"]) == 2 * 7  # 2 layers x 7 projections
+    convert_adapter(out, tiny_adapters / "beta")
+    ids = [5, 17, 33, 2, 41, 9]
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(base, str(tiny_adapters / "beta"))(torch.tensor([ids])).logits[0, -1].numpy()
+    assert abs(OnnxGenerator(out, adapter="beta").last_logits(ids) - want).max() < 1e-3
+
+    narrow = export_onnx(tiny_base, tmp_path / "narrow", lora_target_modules=["q_proj"], max_lora_rank=8, **quiet)
+    with pytest.raises(UserError, match="rank 16, above this export's max rank 8.*--max-lora-rank 16"):
+        convert_adapter(narrow, tiny_adapters / "beta")
+    with pytest.raises(UserError, match="no LoRA inputs for.*v_proj.*--lora-target-modules"):
+        convert_adapter(narrow, tiny_adapters / "alpha")
+    assert not (narrow / "adapters").exists() or not any((narrow / "adapters").iterdir())
+    with pytest.raises(UserError, match="without LoRA inputs"):
+        convert_adapter(tmp_path / "nowhere", tiny_adapters / "beta")

@@ -1,0 +1,4 @@
+from serve.edge.server import main
+
+if __name__ == "__main__":
+    main()
