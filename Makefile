@@ -10,7 +10,7 @@ export RAY_worker_niceness := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: venv test test-slow demo bench base reliability recovery quality cluster-demo bench-cluster k8s-check gpu-resolution image-cpu clean lint
+.PHONY: venv test test-slow demo bench base reliability recovery quality cluster-demo bench-cluster k8s-check gpu-resolution image-cpu image-edge clean lint
 venv: $(STAMP)
 $(STAMP): pyproject.toml scripts/install.sh
 	bash scripts/install.sh $(VENV) $(PYTHON)
@@ -63,4 +63,7 @@ clean:
 	rm -rf $(VENV) .cache
 
 image-cpu:
-	bash scripts/build-image-cpu.sh
+	bash scripts/build-image.sh
+
+image-edge:
+	TARGET=serve-edge bash scripts/build-image.sh

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.33.0"
 # image name (before registry/tag) -> Dockerfile target that builds it
 IMAGE_TARGETS = {"lorafleet-serve": "serve", "lorafleet-serve-cpu": "serve-cpu", "lorafleet-train": "train",
-                 "lorafleet-merge": "merge"}
+                 "lorafleet-merge": "merge", "lorafleet-serve-edge": "serve-edge"}
 
 
 def kubectl() -> str:
@@ -183,6 +183,11 @@ def semantic_errors(docs: list[dict[str, Any]], dockerfile: Path) -> list[str]:
                 and not d["spec"].get("storageClassName"):
             errs.append(f"PVC {d['metadata']['name']}: ReadWriteMany with no storageClassName (the clouds' default "
                         "classes are ReadWriteOnce: it would stay Pending)")
+        if d["kind"] == "ConfigMap" and "edge.yaml" in d.get("data", {}):
+            try:
+                ServeConfig.model_validate(yaml.safe_load(d["data"]["edge.yaml"]))
+            except Exception as e:  # pydantic's ValidationError or YAML's error, reported as text
+                errs.append(f"ConfigMap {d['metadata']['name']}: edge.yaml does not parse as a lorafleet ServeConfig: {e}")
         if d["kind"] == "Job":
             errs.append(f"Job {d['metadata']['name']}: Jobs belong in k8s/jobs/ (run when asked), not in an overlay")
         if d["kind"] == "RayService":

@@ -65,3 +65,59 @@ def test_serve_cpu_container_answers_with_an_adapter(tiny_base, tiny_adapters, t
         print(f"container healthy in {ready_s:.0f}s")
     finally:
         subprocess.run(["podman", "rm", "-f", name], capture_output=True, env=env)
+
+
+EDGE_IMAGE = os.environ.get("LORAFLEET_EDGE_IMAGE", "localhost/lorafleet-serve-edge:0.1.0")
+
+
+def test_serve_edge_container_answers_read_only_as_uid_1000(tiny_base, tiny_adapters, tmp_path, root):
+    """The serve-edge image (make image-edge): no torch in it, runs as UID 1000 with a read-only root
+    filesystem and /tmp a tmpfs, answers through the openai client with an adapter, healthy by its
+    HEALTHCHECK."""
+    if not shutil.which("podman"):
+        pytest.skip("podman is not installed (apt-get install podman runc)")
+    if subprocess.run(["podman", "image", "exists", EDGE_IMAGE]).returncode != 0:
+        pytest.skip(f"image {EDGE_IMAGE} not built (make image-edge)")
+    from merge.onnx import export_onnx
+    from merge.onnx_adapters import convert_adapter
+
+    export = export_onnx(tiny_base, tmp_path / "model", max_lora_rank=16, log=lambda *_: None)
+    adapters = tmp_path / "adapters"
+    convert_adapter(export, tiny_adapters / "alpha", out_dir=adapters)
+    subprocess.run(["chmod", "-R", "a+rX", str(tmp_path)], check=True)
+    env = dict(os.environ, CONTAINERS_CONF=str(root / ".cache" / "image" / "containers.conf"))
+    no_torch = subprocess.run(["podman", "run", "--rm", "--entrypoint", "python", EDGE_IMAGE, "-c",
+                               "import importlib.util as u; print([m for m in ('torch', 'vllm', 'ray', 'peft') "
+                               "if u.find_spec(m)])"], capture_output=True, text=True, env=env)
+    assert no_torch.stdout.strip() == "[]", no_torch.stderr
+    port = free_port()
+    name = f"lorafleet-edge-test-{port}"
+    cmd = ["podman", "run", "-d", "--rm", "--name", name, "-p", f"127.0.0.1:{port}:8000", "--read-only",
+           "--tmpfs", "/tmp", "-v", f"{export}:/model:ro", "-v", f"{adapters}:/adapters:ro",
+           "-e", "LORAFLEET_API_KEY=sk-img", EDGE_IMAGE, "--set", "model=/model", "--set", "served_model_name=tiny",
+           "--set", "host=0.0.0.0", "--set", "port=8000", "--set", "adapters=[/adapters]"]
+    t0 = time.time()
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while time.time() - t0 < 120:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True, env=env)
+            pytest.fail(f"container not healthy after 120 s:\n{(logs.stdout + logs.stderr)[-3000:]}")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-img", max_retries=0)
+        assert {m.id for m in client.models.list().data} == {"tiny", "alpha"}
+        r = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+        assert r.choices[0].message.content and r.usage.completion_tokens == 8
+        user = subprocess.run(["podman", "exec", name, "id", "-u"], capture_output=True, text=True, env=env)
+        assert user.stdout.strip() == "1000"
+        health = subprocess.run(["podman", "healthcheck", "run", name], capture_output=True, text=True, env=env)
+        assert health.returncode == 0, health.stdout + health.stderr
+        print(f"edge container healthy in {time.time() - t0:.0f}s")
+    finally:
+        subprocess.run(["podman", "rm", "-f", name], capture_output=True, env=env)

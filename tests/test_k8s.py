@@ -32,8 +32,17 @@ def rendered():
     return {o.name: kc.render(o) for o in OVERLAYS}
 
 
+# The overlays that run a RayService (the edge overlay runs the edge server alone, no Ray).
+RAY_OVERLAYS = [o.name for o in OVERLAYS if o.name != "edge"]
+
+
+@pytest.fixture(scope="module")
+def ray_rendered(rendered):
+    return {name: rendered[name] for name in RAY_OVERLAYS}
+
+
 def test_overlays_exist():
-    assert {o.name for o in OVERLAYS} == {"gpu", "cpu-edge"}
+    assert {o.name for o in OVERLAYS} == {"gpu", "cpu-edge", "edge"}
 
 
 @pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
@@ -45,7 +54,7 @@ def test_builtin_kinds_validate_strictly(rendered, overlay):
     assert not errs, errs
 
 
-@pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
+@pytest.mark.parametrize("overlay", RAY_OVERLAYS)
 def test_rayservice_validates_against_the_crd(rendered, overlay, crds):
     rs = [d for d in rendered[overlay] if d["kind"] == "RayService"]
     assert len(rs) == 1
@@ -74,17 +83,17 @@ def jobs():
     return {p.name: kc.render(p) for p in kc.job_kustomizations()}
 
 
-def test_autoscaler_gets_a_service_account_token(rendered):
+def test_autoscaler_gets_a_service_account_token(ray_rendered):
     # KubeRay's autoscaler sidecar authenticates with the head pod's service-account token; the
     # SA turns mounting off for everything else (workers, Jobs), the head turns it back on.
-    for overlay in rendered:
-        rs = next(d for d in rendered[overlay] if d["kind"] == "RayService")
+    for overlay in ray_rendered:
+        rs = next(d for d in ray_rendered[overlay] if d["kind"] == "RayService")
         rc = rs["spec"]["rayClusterConfig"]
         assert rc["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"] is True
-        assert not kc.rayservice_errors(rs, rendered[overlay])
+        assert not kc.rayservice_errors(rs, ray_rendered[overlay])
         broken = copy.deepcopy(rs)
         del broken["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["automountServiceAccountToken"]
-        assert any("autoscaler" in e for e in kc.rayservice_errors(broken, rendered[overlay]))
+        assert any("autoscaler" in e for e in kc.rayservice_errors(broken, ray_rendered[overlay]))
         for g in rc["workerGroupSpecs"]:
             assert "automountServiceAccountToken" not in g["template"]["spec"]  # the SA's false holds
 
@@ -109,7 +118,10 @@ def test_volumes_have_a_storage_class_and_writers_an_fsgroup(rendered, jobs):
         for pvc in [d for d in rendered[overlay] if d["kind"] == "PersistentVolumeClaim"]:
             assert pvc["spec"]["storageClassName"], pvc
         docs = copy.deepcopy(rendered[overlay])
-        del next(d for d in docs if d["kind"] == "PersistentVolumeClaim")["spec"]["storageClassName"]
+        shared = [d for d in docs if d["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in d["spec"]["accessModes"]]
+        if not shared:
+            continue  # the edge overlay's volumes are one node's (ReadWriteOnce)
+        del shared[0]["spec"]["storageClassName"]
         assert any("storageClassName" in e for e in kc.semantic_errors(docs, kc.ROOT / "Dockerfile"))
     for name, docs in jobs.items():
         for where, spec in kc.pod_specs(docs[0]):
@@ -133,9 +145,9 @@ def test_jobs_run_when_asked_and_merge_after_train(rendered, jobs):
     assert loader["command"] == ["lorafleet", "fetch-model"] and "/models/base" in loader["args"]
 
 
-def test_ray_token_auth_upgrades_that_apply_and_no_deprecated_fields(rendered):
-    for overlay in rendered:
-        rs = next(d for d in rendered[overlay] if d["kind"] == "RayService")
+def test_ray_token_auth_upgrades_that_apply_and_no_deprecated_fields(ray_rendered):
+    for overlay in ray_rendered:
+        rs = next(d for d in ray_rendered[overlay] if d["kind"] == "RayService")
         assert rs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
         assert rs["spec"]["upgradeStrategy"]["type"] == "NewCluster"
         assert not set(kc.DEPRECATED_RAYSERVICE_FIELDS) & set(rs["spec"])
@@ -144,15 +156,15 @@ def test_ray_token_auth_upgrades_that_apply_and_no_deprecated_fields(rendered):
                               (lambda r: r["spec"].update(serviceUnhealthySecondThreshold=900), "deprecated")):
             broken = copy.deepcopy(rs)
             change(broken)
-            assert any(words in e for e in kc.rayservice_errors(broken, rendered[overlay])), words
+            assert any(words in e for e in kc.rayservice_errors(broken, ray_rendered[overlay])), words
 
 
-def test_lora_limits_and_model_wait_come_from_the_config(rendered):
+def test_lora_limits_and_model_wait_come_from_the_config(ray_rendered):
     from lorafleet.config import ServeConfig
     from serve.deployment import engine_plan
 
-    for overlay in rendered:
-        rs = next(d for d in rendered[overlay] if d["kind"] == "RayService")
+    for overlay in ray_rendered:
+        rs = next(d for d in ray_rendered[overlay] if d["kind"] == "RayService")
         args = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
         cfg = ServeConfig.model_validate(args)
         plan = engine_plan(cfg, cfg.model)  # the adapters volume is empty here, as at a first start
@@ -210,7 +222,7 @@ def test_kuberay_probe_command_runs_in_the_serve_cpu_image(tmp_path):
     podman = shutil.which("podman")
     if not podman:
         pytest.skip("podman not installed (apt-get install podman runc)")
-    image = "localhost/lorafleet-serve-cpu:0.1.0"  # scripts/build-image-cpu.sh
+    image = "localhost/lorafleet-serve-cpu:0.1.0"  # scripts/build-image.sh
     env = dict(os.environ, CONTAINERS_CONF=str(kc.ROOT / ".cache" / "image" / "containers.conf"))  # its podman settings
     if subprocess.run([podman, "image", "exists", image], env=env).returncode != 0:
         pytest.skip(f"{image} not built: make image-cpu")
@@ -322,7 +334,7 @@ def test_the_tested_cluster_is_read_from_the_harness_and_the_test():
     assert len(t.adapters) == 1 and "://" not in t.adapters[0]  # one directory every host shares
 
 
-@pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
+@pytest.mark.parametrize("overlay", RAY_OVERLAYS)
 def test_the_rayservice_runs_the_tested_cluster(rendered, overlay):
     assert not kc.tested_cluster_errors(rendered[overlay])
     rs = _rayservice(rendered[overlay])
@@ -334,7 +346,7 @@ def test_the_rayservice_runs_the_tested_cluster(rendered, overlay):
     assert args["topology"] == "split" and args["resources"]["ingress_resources"] == {t.resource_of("head"): 0.001}
 
 
-@pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
+@pytest.mark.parametrize("overlay", RAY_OVERLAYS)
 def test_the_pods_ray_start_has_the_tested_flags(rendered, overlay):
     """The words `ray start` gets in each pod (KubeRay's command line, split by bash) carry the
     tested nodes' --num-cpus (head) and --resources, byte for byte."""
@@ -409,7 +421,7 @@ def _adapters_volume(rs, volume):
         vols[:] = [volume if v["name"] == "adapters" else v for v in vols]
 
 
-@pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
+@pytest.mark.parametrize("overlay", RAY_OVERLAYS)
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
 def test_each_drift_from_the_tested_cluster_is_reported(rendered, overlay, mutation):
     docs = copy.deepcopy(rendered[overlay])
@@ -484,3 +496,26 @@ def test_the_tested_cluster_changed_without_the_manifests_fails(rendered, tmp_pa
         monkeypatch.undo()
         kc.tested_cluster.cache_clear()
     assert any(words in e for e in errs), (words, errs)
+
+
+def test_edge_overlay_runs_the_edge_image_alone(rendered):
+    """The edge overlay: the serve-edge image, no Ray, a read-only root filesystem with /tmp
+    writable, probes on the edge server's routes, and a config that parses as the serve schema."""
+    from lorafleet.config import ServeConfig
+
+    docs = rendered["edge"]
+    assert not [d for d in docs if d["kind"] == "RayService"]
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert kc.IMAGE_TARGETS[c["image"].rsplit("/", 1)[-1].split(":")[0]] == "serve-edge"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready" and c["livenessProbe"]["httpGet"]["path"] == "/health"
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    cfg = ServeConfig.model_validate(yaml.safe_load(cm["data"]["edge.yaml"]))
+    assert c["args"] == ["/etc/lorafleet/edge.yaml"] and cfg.port == c["ports"][0]["containerPort"]
+    svc = next(d for d in docs if d["kind"] == "Service")
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    broken = copy.deepcopy(docs)
+    next(d for d in broken if d["kind"] == "ConfigMap")["data"]["edge.yaml"] = "port: many\n"
+    assert any("edge.yaml" in e for e in kc.semantic_errors(broken, kc.ROOT / "Dockerfile"))

@@ -42,7 +42,7 @@ def test_readme_shell_snippets_run(tiny_base, tmp_path):
                                  text=True, timeout=600)
             assert res.returncode == 0, f"{line}\n{res.stderr[-3000:]}"
     assert (tmp_path / "runs" / "onnx" / "support" / "onnx_report.json").is_file()
-    assert (tmp_path / "runs" / "onnx" / "edge" / "adapters" / "legal.onnx_adapter").is_file()
+    assert (tmp_path / "runs" / "onnx" / "edge" / "adapters" / "legal" / "adapter.onnx_adapter").is_file()
 
 
 def test_readme_config_reference_is_the_schemas():

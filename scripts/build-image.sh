@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Builds the serve-cpu image with podman on a machine that cannot pull base images:
+# Builds a CPU image (TARGET: serve-cpu, the default, or serve-edge) with podman on a machine that
+# cannot pull base images:
 #   1. a local base image (Debian bookworm + python3 via debootstrap), made once and cached;
-#   2. `podman build --pull=never --target serve-cpu` on top of it, torch's CPU wheel taken from
+#   2. `podman build --pull=never --target $TARGET` on top of it, torch's CPU wheel taken from
 #      a local wheel directory when there is one (WHEELS, default /opt/wheels).
 # Needs root, podman, runc and debootstrap (apt-get install podman runc debootstrap).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-IMAGE=${IMAGE:-localhost/lorafleet-serve-cpu:0.1.0}
+TARGET=${TARGET:-serve-cpu}
+IMAGE=${IMAGE:-localhost/lorafleet-$TARGET:0.1.0}
 BASE=${BASE:-localhost/lorafleet-base:bookworm-py311}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 WHEELS=${WHEELS:-/opt/wheels}
@@ -48,6 +50,6 @@ if [ -d "$WHEELS" ]; then
   mounts+=(-v "$WHEELS:/wheels:ro")
   args+=(--build-arg TORCH_INDEX_URL=https://pypi.org/simple)
 fi
-time podman build --format docker --pull=never --target serve-cpu \
+time podman build --format docker --pull=never --target "$TARGET" \
   --build-arg CPU_BASE_IMAGE="$BASE" "${args[@]}" "${mounts[@]}" -t "$IMAGE" .
 podman image inspect "$IMAGE" --format '{{.Size}}' | awk '{printf "image %s: %.2f GB\n", "'"$IMAGE"'", $1/1e9}'
