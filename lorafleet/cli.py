@@ -93,7 +93,8 @@ def export_onnx(model: str = typer.Option(..., help="Merged model directory, or 
                 tolerance: float = typer.Option(None, help="Max |Δlogits| vs PyTorch that fails the export."),
                 adapters: Optional[list[Path]] = typer.Option(
                     None, help="Adapter directory (repeatable): export MODEL (the base) with LoRA inputs and "
-                               "convert each into adapters/NAME/, switchable at run time. fp32 only."),
+                               "convert each into adapters/NAME/, switchable at run time (the LoRA path stays "
+                               "float at int8/int4)."),
                 lora_target_modules: Optional[list[str]] = typer.Option(
                     None, help="Give the base LoRA inputs on these modules (repeatable; default with --adapters or "
                                "--max-lora-rank: q,k,v,o,gate,up,down_proj), for adapters trained later."),

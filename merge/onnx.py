@@ -25,6 +25,9 @@ from lorafleet.errors import UserError
 # Max |Δlogits| vs PyTorch float32 that fails the export. Quantized exports differ by design:
 # their numbers are reported, and they fail only when the user sets a tolerance.
 DEFAULT_TOLERANCE = {"fp32": 1e-2, "int8": None, "int4": None}
+# A quantized export whose greedy tokens agree with the float model's less often than this is
+# written with a loud warning (and the share recorded in onnx_report.json's "warnings").
+LOW_AGREEMENT = 0.9
 
 
 def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: float | None = None,
@@ -49,10 +52,6 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
     if not (model / "config.json").is_file():
         raise UserError(f"{model} is not an HF model directory (no config.json); export a merged model directory")
     open_export = bool(adapters or lora_target_modules or max_lora_rank)
-    if open_export and precision != "fp32":
-        raise UserError(f"LoRA inputs (--adapters, --lora-target-modules, --max-lora-rank) work with --precision "
-                        f"fp32 only: {precision} would quantize the LoRA weights into the graph. Export the base "
-                        "alone for int8/int4, or merge each adapter")
     infos = onnx_adapters.read_edge_adapters(model, adapters, allow_pickle) if adapters else []
     if open_export:
         table = {**onnx_adapters.base_module_table(model, lora_target_modules or list(onnx_adapters.DEFAULT_TARGETS)),
@@ -67,7 +66,8 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
     t0 = time.time()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if open_export:
-            inputs = onnx_adapters.export_base_with_lora_inputs(model, tmp, dict(sorted(table.items())), rank, log)
+            inputs = onnx_adapters.export_base_with_lora_inputs(model, tmp, dict(sorted(table.items())), rank, log,
+                                                                precision)
             for info in infos:
                 log(f"writing {onnx_adapters.ADAPTERS_DIR}/{info.name}/")
                 onnx_adapters.write_onnx_adapter(info, inputs, tmp / onnx_adapters.ADAPTERS_DIR)
@@ -100,6 +100,15 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
             if tol is not None and r["max_abs_logits_diff"] > tol:
                 raise UserError(f"ONNX parity check failed for {name}: max |Δlogits| {r['max_abs_logits_diff']:.4g} "
                                 f"is above the tolerance {tol}; nothing was written")
+            agreement = r["greedy_tokens_matched"] / max(1, r["greedy_tokens_compared"])
+            if precision != "fp32" and agreement < LOW_AGREEMENT:
+                report.setdefault("warnings", []).append(f"{name}: greedy agreement {agreement:.0%}")
+                log(f"WARNING: {name} at {precision} agrees with the float model on only "
+                    f"{r['greedy_tokens_matched']}/{r['greedy_tokens_compared']} greedy tokens (max |Δlogits| "
+                    f"{r['max_abs_logits_diff']:.3g}): its answers will differ. "
+                    + ("Try --precision int8, " if precision == "int4" else "")
+                    + "export fp32, or evaluate it (lorafleet eval --url against lorafleet serve-edge) before "
+                      "serving; --tolerance makes this an error")
         (tmp / "onnx_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"ONNX model at {out} ({time.time() - t0:.0f}s)")
     return out

@@ -112,27 +112,85 @@ def write_template_adapter(table: dict[str, tuple[int, int]], rank: int, model: 
 
 
 def export_base_with_lora_inputs(model: Path, out: Path, table: dict[str, tuple[int, int]], rank: int,
-                                 log: Callable[[str], None]) -> dict:
+                                 log: Callable[[str], None], precision: str = "fp32") -> dict:
     """Run the builder with the template adapter, then turn its LoRA weights into zero-default
-    inputs and record them in `lora_inputs.json`; returns that record."""
+    inputs and record them in `lora_inputs.json`; returns that record.
+
+    int8/int4: the builder quantizes the LoRA MatMuls with the rest (MatMulNBits), which an
+    adapter cannot override. The base is exported once in fp32 to find each module's LoRA inputs
+    (the markers), then in `precision`, whose LoRA MatMulNBits nodes are put back as float MatMuls
+    on inputs of the same names: the LoRA path stays float and an adapter converted for one
+    precision fits the other."""
     from lorafleet.models import base_fingerprint
 
+    names = _builder_with_template(model, out if precision == "fp32" else out / ".fp32", table, rank, "fp32", log)
+    if precision != "fp32":
+        shutil.rmtree(out / ".fp32", ignore_errors=True)
+        _builder_with_template(model, out, table, rank, precision, log, find=False)
+        float_lora_path(out, names, table, rank)
+    inputs = {"source": str(model), "base_fingerprint": base_fingerprint(str(model))["fingerprint"],
+              "max_rank": rank, "precision": precision,
+              "modules": {mod: {**names[mod], "shape": [fout, fin]} for mod, (fin, fout) in table.items()}}
+    (out / LORA_INPUTS).write_text(json.dumps(inputs, indent=1) + "\n")
+    return inputs
+
+
+def _builder_with_template(model: Path, out: Path, table: dict[str, tuple[int, int]], rank: int, precision: str,
+                           log: Callable[[str], None], find: bool = True) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     template = out / ".lora-template"
     markers = write_template_adapter(table, rank, model, template)
-    log(f"exporting {model} with LoRA inputs on {len(markers)} modules, rank up to {rank}")
+    log(f"exporting {model} ({precision}) with LoRA inputs on {len(markers)} modules, rank up to {rank}")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out),
-           "-p", "fp32", "-e", "cpu", "-c", str(out / ".cache"), "--extra_options", f"adapter_path={template}"]
+           "-p", precision, "-e", "cpu", "-c", str(out / ".cache"), "--extra_options", f"adapter_path={template}"]
     res = subprocess.run(cmd, capture_output=True, text=True)
     shutil.rmtree(out / ".cache", ignore_errors=True)
     shutil.rmtree(template, ignore_errors=True)
     if res.returncode != 0:
         raise UserError(f"ONNX export failed (builder exit {res.returncode}):\n{res.stderr.strip()[-2000:]}")
-    names = make_lora_inputs(out, markers)
-    inputs = {"source": str(model), "base_fingerprint": base_fingerprint(str(model))["fingerprint"],
-              "max_rank": rank,
-              "modules": {mod: {**names[mod], "shape": [fout, fin]} for mod, (fin, fout) in table.items()}}
-    (out / LORA_INPUTS).write_text(json.dumps(inputs, indent=1) + "\n")
-    return inputs
+    return make_lora_inputs(out, markers) if find else {}
+
+
+def float_lora_path(out: Path, names: dict[str, dict[str, str]], table: dict[str, tuple[int, int]], rank: int) -> None:
+    """Replace each quantized LoRA MatMul (MatMulNBits on `NAME_Q4`) of a quantized export by a
+    float MatMul on a zero-default graph input `NAME` ([K, N] float32), the name the fp32 export
+    gave it. UserError when a LoRA input has no such node (an unknown builder layout)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    genai = json.loads((out / "genai_config.json").read_text())
+    filename = genai["model"]["decoder"]["filename"]
+    m = onnx.load(str(out / filename), load_external_data=True)
+    shapes = {}
+    for mod, (fin, fout) in table.items():
+        shapes[names[mod]["A"]] = (fin, rank)
+        shapes[names[mod]["B"]] = (rank, fout)
+    drop, done = set(), set()
+    nodes = []
+    for node in m.graph.node:
+        weight = node.input[1][: -len("_Q4")] if node.op_type == "MatMulNBits" and len(node.input) > 1 \
+            and node.input[1].endswith("_Q4") else None
+        if weight in shapes:
+            nodes.append(helper.make_node("MatMul", [node.input[0], weight], list(node.output), name=node.name + "_float"))
+            drop.update(node.input[1:])
+            done.add(weight)
+        else:
+            nodes.append(node)
+    missing = sorted(set(shapes) - done)
+    if missing:
+        raise UserError(f"the quantized graph has no LoRA MatMul for {missing[:2]}; export with --precision fp32")
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    kept = [i for i in m.graph.initializer if i.name not in drop]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept)
+    for weight, shape in sorted(shapes.items()):
+        m.graph.initializer.append(numpy_helper.from_array(np.zeros(shape, np.float32), weight))
+        m.graph.input.append(helper.make_tensor_value_info(weight, onnx.TensorProto.FLOAT, list(shape)))
+    data = filename + ".data"
+    (out / data).unlink(missing_ok=True)
+    onnx.save_model(m, str(out / filename), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                    size_threshold=1024)
 
 
 def make_lora_inputs(out: Path, markers: dict[str, int]) -> dict[str, dict[str, str]]:
