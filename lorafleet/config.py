@@ -155,7 +155,8 @@ class EngineSection(_Strict):
     max_lora_rank: int | None = Field(None, description="Unset: the largest rank in the registry, at least 16 (rounded up to what vLLM takes).")
     max_loras: int | None = Field(None, description="Adapters in one batch (vLLM's max_loras); unset: min(8, max_resident_adapters).")
     max_cpu_loras: int | None = None
-    max_num_seqs: int = 64
+    max_num_seqs: int = Field(64, ge=1, description="Sequences decoded together (vLLM's max_num_seqs; the edge "
+                                                 "server's batch rows); more requests wait their turn.")
     gpu_memory_utilization: float = 0.85
     cpu_kvcache_space_gb: float = Field(1.0, description="vLLM CPU backend KV cache (VLLM_CPU_KVCACHE_SPACE).")
     cpu_reserved_cores: int | None = Field(

@@ -96,17 +96,37 @@ def test_each_model_answers_as_peft(server, tiny_base, tiny_adapters, tiny_tok):
     assert len(set(texts.values())) == 3  # the adapters really change the answer
 
 
+def test_chat_answers_equal_lorafleet_generate(server, export):
+    """Each model's greedy chat answer is, token for token, what `lorafleet generate --onnx
+    [--adapter]` (onnxruntime-genai's own generator) gives for the same question."""
+    from merge.onnx import generate_text
+
+    url, _, _ = server
+    c = client(url)
+    for model, adapter in (("tiny", None), ("alpha", "alpha"), ("beta", "beta")):
+        for question in ("What is the refund window?", "hi"):
+            want = generate_text(export, question, max_new_tokens=12, adapter=adapter)
+            got = c.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                            max_tokens=12, temperature=0).choices[0].message.content
+            assert got == want, (model, question)
+
+
 def test_concurrent_answers_equal_alone(server):
     """Requests for the base and both adapters at once, streamed and not: each answer is exactly the
     one the same request gets alone (no request ever computed with another's adapter)."""
     from openai import AsyncOpenAI
 
     url, _, _ = server
-    rng = random.Random(20261206)
+    rng = random.Random(int(os.environ.get("LORAFLEET_FUZZ_SEED", "20261206")))
     reqs = []
     for i in range(24):
         chat = rng.random() < 0.5
         body = {"model": rng.choice(["tiny", "alpha", "beta"]), "max_tokens": rng.randint(3, 24), "temperature": 0}
+        if rng.random() < 0.3:  # sampled with a seed: the same draws alone and batched
+            body.update(temperature=0.9, seed=rng.randrange(1000), top_p=rng.choice([1.0, 0.8]),
+                        extra_body={"top_k": rng.choice([None, 20])})
+        if rng.random() < 0.2:
+            body["extra_body"] = {**body.get("extra_body", {}), "ignore_eos": True}
         if chat:
             body["messages"] = [{"role": "user", "content": f"question {i} " + "x" * rng.randint(0, 30)}]
         else:
@@ -132,6 +152,61 @@ def test_concurrent_answers_equal_alone(server):
 
     alone, together = asyncio.run(run())
     assert together == alone
+
+
+def test_hung_up_streams_leave_the_others_whole(server):
+    """Clients that hang up mid-stream leave the batch; the requests beside them still get their
+    lone answers, and the adapters they used serve again afterwards."""
+    url, _, _ = server
+    def body(model, i):
+        return {"model": model, "prompt": [5 + i, 17, 33], "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+
+    alone = {m: httpx.post(url + "/v1/completions", json=body(m, 0), headers={"Authorization": "Bearer sk-edge"},
+                           timeout=60).json()["choices"][0]["text"] for m in ("alpha", "beta", "tiny")}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer sk-edge"}, timeout=60) as c:
+            async def hang_up(model, i):
+                async with c.stream("POST", "/v1/completions", json={**body(model, i), "stream": True}) as r:
+                    async for _ in r.aiter_lines():
+                        return  # leaves after the first line: the server sees the client go
+
+            async def whole(model):
+                r = await c.post("/v1/completions", json=body(model, 0))
+                return model, r.json()["choices"][0]["text"]
+
+            results = await asyncio.gather(*(hang_up(m, i) for i, m in enumerate(["alpha", "beta", "alpha"] * 2)),
+                                           *(whole(m) for m in ("alpha", "beta", "tiny")))
+            return dict(r for r in results if r)
+
+    assert asyncio.run(run()) == alone
+    again = client(url).completions.create(**{k: v for k, v in body("alpha", 0).items() if k != "ignore_eos"},
+                                           extra_body={"ignore_eos": True})
+    assert again.choices[0].text == alone["alpha"] and again.usage.completion_tokens == 40
+
+
+def test_sampling_is_transformers_top_k_then_top_p():
+    """The tokens a sampled request can get are exactly those transformers' TopK and TopP warpers keep."""
+    import numpy as np
+    import torch
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from serve.edge.engine import Sampling, distribution
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        logits = rng.normal(0, 3, 300).astype(np.float32)
+        s = Sampling(8, temperature=float(rng.uniform(0.3, 1.5)), top_p=float(rng.choice([1.0, 0.9, 0.5])),
+                     top_k=int(rng.choice([0, 5, 40])) or None)
+        scores = torch.tensor(logits, dtype=torch.float64)[None] / s.temperature
+        if s.top_k:
+            scores = TopKLogitsWarper(s.top_k)(None, scores)
+        if s.top_p < 1:
+            scores = TopPLogitsWarper(s.top_p)(None, scores)
+        order, p = distribution(logits, s)
+        assert set(order.tolist()) == set(torch.nonzero(torch.isfinite(scores[0])).flatten().tolist())
+        want = torch.softmax(scores[0], -1).numpy()[order]
+        np.testing.assert_allclose(p, want, rtol=1e-9, atol=1e-12)
 
 
 def test_stream_shapes_and_usage(server):

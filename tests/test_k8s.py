@@ -42,7 +42,7 @@ def ray_rendered(rendered):
 
 
 def test_overlays_exist():
-    assert {o.name for o in OVERLAYS} == {"gpu", "cpu-edge", "edge"}
+    assert {o.name for o in OVERLAYS} == {"gpu", "cpu-datacenter", "edge"}
 
 
 @pytest.mark.parametrize("overlay", [o.name for o in OVERLAYS])
@@ -73,7 +73,7 @@ def test_gpu_overlay_requests_gpus_and_cpu_edge_none(rendered):
     w = gpu["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     assert w["rayStartParams"]["num-gpus"] == "1"
     assert w["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    edge = yaml.safe_dump(rendered["cpu-edge"])
+    edge = yaml.safe_dump(rendered["cpu-datacenter"])
     assert "nvidia.com/gpu" not in edge and "serve-cpu" in edge
 
 

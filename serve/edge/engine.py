@@ -1,23 +1,22 @@
-"""onnxruntime-genai behind one loop thread: base requests continuously batched, adapters per request.
+"""The edge engine: continuous batching over onnxruntime, one adapter per batch row.
 
-onnxruntime-genai 0.18's continuous batching (`og.Engine`, `og.Request`) has no adapter per
-request: neither `Request` nor `TurnOptions` takes one, and an export's LoRA weights are graph
-inputs without a batch dimension, so one graph call applies one adapter to every row. The
-correct scheme is therefore:
+onnxruntime-genai 0.18's continuous batching (`og.Engine`, `og.Request`) cannot choose an
+adapter per request (neither `Request` nor `TurnOptions` takes one), and its generators apply one
+adapter to the whole batch. So this engine schedules the export's graph itself (graph.py):
 
-- requests for the base go to one `og.Engine`, which batches them continuously;
-- each request for an adapter gets its own `og.Generator` with that adapter active
-  (`set_active_adapter`), so no answer is ever computed with another request's adapter.
+- a new request is prefilled alone (its prompt, its adapter), then joins the running batch;
+- every step decodes one token for each running request in one graph call, each row with its
+  own adapter's LoRA weights (base rows: zeros);
+- a finished or cancelled request leaves at the next step; its cache rows are dropped.
 
-One thread owns every onnxruntime-genai object (its C API is not thread safe) and steps the
-engine and the generators in turn, one token each per round; requests arrive through a queue
-and their tokens go back to each request's asyncio queue.
+The answer of a request is the one it gets alone: rows never mix (each row's attention covers
+its own cache; its LoRA product uses its own weights). One thread owns the loop; requests arrive
+through a queue and their tokens go back to each request's asyncio queue.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import threading
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from serve.edge.graph import RowsGraph, read_onnx_adapter
 
 log = logging.getLogger("lorafleet.edge")
 
@@ -38,6 +39,7 @@ class Sampling:
     top_p: float = 1.0
     top_k: int | None = None
     seed: int | None = None
+    min_tokens: int = 0  # the request's stop ids cannot be sampled before this many tokens
 
 
 @dataclass
@@ -52,44 +54,79 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: bool = False
     generated: int = 0
-    turn: int = 0  # og.Request.begin_turn's id, for cancel_turn
+    released: bool = False  # its adapter's use count given back
 
     def put(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.tokens.put_nowait, item)
 
 
+def distribution(logits: np.ndarray, s: Sampling) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens a sampled request may get and their probabilities: softmax(logits / T) cut to
+    the `top_k` most likely, then to the smallest set whose mass reaches `top_p` (nucleus
+    sampling, Holtzman et al. 2019), renormalised: transformers' TopK then TopP warpers."""
+    z = logits.astype(np.float64) / s.temperature
+    order = np.argsort(-z, kind="stable")
+    if s.top_k:
+        order = order[: s.top_k]
+    p = np.exp(z[order] - z[order[0]])
+    p /= p.sum()
+    if s.top_p < 1:
+        keep = int(np.searchsorted(np.cumsum(p), s.top_p) + 1)
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    return order, p
+
+
+def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
+    """One token from `logits` [vocab]: the argmax at temperature 0, else a draw from
+    `distribution` with the request's generator (seeded by `seed`: the same draws alone or batched)."""
+    if s.temperature <= 0:
+        return int(np.argmax(logits))
+    order, p = distribution(logits, s)
+    return int(order[rng.choice(len(p), p=p)])
+
+
+@dataclass
+class Row:
+    """A running request: its job, cached length and the token it feeds next."""
+    job: Job
+    length: int
+    next_token: int
+    rng: np.random.Generator
+
+
 class OnnxEngine:
-    """An exported model (merge/onnx.py) loaded once, and the loop thread that runs it.
+    """An ONNX export (merge/onnx.py) loaded once, and the loop thread that batches its requests.
 
-    `submit(job)` starts a request (thread-safe; call from the event loop), `cancel(job)` stops it
-    (a client that hung up), `load_adapter(key, path)` / `unload_adapter(key)` manage the
-    onnxruntime adapters (og.Adapters). Raises RuntimeError from `submit` once the thread died.
-    """
+    `submit(job)` starts a request (call from the event loop), `cancel(job)` stops it (a client
+    that hung up), `load_adapter(key, path)` / `unload_adapter(key)` manage the converted
+    adapters. `max_batch` caps the rows decoded together; more requests wait their turn.
+    `submit` raises RuntimeError once the loop thread died."""
 
-    def __init__(self, onnx_dir: Path):
-        import onnxruntime_genai as og
+    def __init__(self, onnx_dir: Path, max_batch: int = 16):
+        import json
 
-        self.og = og
         self.dir = Path(onnx_dir)
-        self.model = og.Model(str(self.dir))
-        self.adapters = og.Adapters(self.model)
-        self.engine: Any = None  # made in the loop thread: og.Engine serves only the thread that made it
+        self.graph = RowsGraph(self.dir)
         genai = json.loads((self.dir / "genai_config.json").read_text())["model"]
         self.context_length = int(genai["context_length"])
         self.vocab_size = int(genai["vocab_size"])
-        self.loaded: set[str] = set()
+        self.max_batch = max_batch
+        self.weights: dict[str, dict[str, np.ndarray]] = {}
         self.in_use: dict[str, int] = {}
-        self._lock = threading.Lock()  # og calls: the loop thread, adapter loads from the front
+        self._zeros = {n: np.zeros((1, *s), np.float32) for n, s in self.graph.lora_shapes.items()}
+        self._lock = threading.Lock()  # weights and in_use: the loop thread and the front's loads
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._base: dict[int, tuple[Any, Job]] = {}  # id(og.Request) -> (request, job)
-        self._adapted: list[tuple[Any, Job]] = []  # (og.Generator, job)
+        self._waiting: list[Job] = []
+        self._rows: list[Row] = []
+        self._cache = self.graph.empty_cache(0)
+        self._lora: dict[str, np.ndarray] | None = None  # the batch's stacked LoRA inputs, until rows change
         self.error: BaseException | None = None
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="onnx-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="onnx-engine", daemon=True)
         self._thread.start()
-        ready.wait()
-        if self.error is not None:
-            raise RuntimeError(f"onnxruntime-genai could not start its engine on {self.dir}: {self.error}")
+
+    @property
+    def loaded(self) -> set[str]:
+        return set(self.weights)
 
     # ---------------------------------------------------------------- the front's side
     def alive(self) -> bool:
@@ -101,6 +138,8 @@ class OnnxEngine:
         job.loop = asyncio.get_running_loop()
         if job.adapter is not None:
             with self._lock:
+                if job.adapter not in self.weights:
+                    raise RuntimeError(f"adapter {job.adapter} is not loaded")
                 self.in_use[job.adapter] = self.in_use.get(job.adapter, 0) + 1
         self._inbox.put(job)
 
@@ -109,148 +148,140 @@ class OnnxEngine:
         self._inbox.put(None)  # wake the loop to drop it
 
     def load_adapter(self, key: str, path: Path) -> None:
-        """Load an .onnx_adapter under `key` once (og.Adapters.load); raises what onnxruntime raises."""
+        """Load a converted adapter (`.onnx_adapter`) under `key` once; ValueError when its
+        parameters are not this export's LoRA inputs, onnxruntime's error when it is no adapter file."""
         with self._lock:
-            if key not in self.loaded:
-                self.adapters.load(str(path), key)
-                self.loaded.add(key)
+            if key in self.weights:
+                return
+        params = read_onnx_adapter(Path(path), self.graph.lora_shapes)
+        with self._lock:
+            self.weights.setdefault(key, params)
 
     def unload_adapter(self, key: str) -> bool:
         """Free an adapter no running request uses; False when one still does (or it is not loaded)."""
         with self._lock:
-            if key not in self.loaded or self.in_use.get(key):
+            if key not in self.weights or self.in_use.get(key):
                 return False
-            self.adapters.unload(key)
-            self.loaded.discard(key)
+            del self.weights[key]
             return True
 
     # ---------------------------------------------------------------- the loop thread
-    def _run(self, ready: threading.Event) -> None:
-        try:
-            self.engine = self.og.Engine(self.model)
-            self._buffer = self.engine.create_event_buffer(256)
-        except BaseException as e:  # noqa: BLE001 - reported by __init__
-            self.error = e
-            return
-        finally:
-            ready.set()
+    def _run(self) -> None:
         try:
             while True:
-                self._take(block=not (self._base or self._adapted))
+                self._take(block=not (self._rows or self._waiting))
                 self._drop_cancelled()
-                if self._base:
-                    self._step_engine()
-                self._step_generators()
+                while self._waiting and len(self._rows) < self.max_batch:
+                    self._prefill(self._waiting.pop(0))
+                if self._rows:
+                    self._decode()
         except BaseException as e:  # noqa: BLE001 - every waiting request must hear of it
             self.error = e
             log.exception("the ONNX engine loop failed")
-            for _, job in [*self._base.values(), *self._adapted]:
+            for job in [*(r.job for r in self._rows), *self._waiting]:
                 job.put(e)
 
     def _take(self, block: bool) -> None:
         try:
             job = self._inbox.get(block=block)
             while True:
-                if job is not None and not job.cancelled:
-                    try:
-                        with self._lock:
-                            self._start(job)
-                    except Exception as e:  # this request's failure (og refused it), not the engine's
-                        self._release(job)
-                        job.put(e)
+                if job is not None:
+                    self._waiting.append(job)
                 job = self._inbox.get_nowait()
         except queue.Empty:
             pass
 
-    def _start(self, job: Job) -> None:
-        s = job.sampling
-        if job.adapter is None:
-            req = self.engine.create_request()
-            opts = self.og.TurnOptions(req)
-            opts.set_max_generated_tokens(s.max_tokens)
-            opts.set_do_sample(s.temperature > 0)
-            if s.temperature > 0:
-                opts.set_temperature(s.temperature)
-                opts.set_top_p(s.top_p)
-                opts.set_top_k(s.top_k or self.vocab_size)
-                if s.seed is not None:
-                    opts.set_seed(s.seed)
-            job.turn = req.begin_turn(np.asarray(job.ids, dtype=np.int32), opts)
-            self._base[id(req)] = (req, job)
-            return
-        params = self.og.GeneratorParams(self.model)
-        search: dict[str, Any] = {"max_length": len(job.ids) + s.max_tokens, "do_sample": s.temperature > 0}
-        if s.temperature > 0:
-            search.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or self.vocab_size)
-            if s.seed is not None:
-                search["random_seed"] = s.seed
-        params.set_search_options(**search)
-        gen = self.og.Generator(self.model, params)
-        gen.set_active_adapter(self.adapters, job.adapter)
-        gen.append_tokens(job.ids)
-        self._adapted.append((gen, job))
-
-    def _step_engine(self) -> None:
-        flags = self.og.EngineEventFlags
-        with self._lock:
-            events = list(self.engine.run(self._buffer))
-        for ev in events:
-            entry = self._base.get(id(ev.request))
-            if entry is None:
-                continue
-            req, job = entry
-            if int(ev.flags) & int(flags.FAILED):
-                self._finish_base(req, job, RuntimeError(f"onnxruntime-genai failed the request ({ev.error_code.name})"))
-                continue
-            if int(ev.flags) & int(flags.TOKEN) and self._emit(job, int(ev.token)):
-                self._finish_base(req, job, "stop", cancel=not int(ev.flags) & int(flags.TURN_FINISHED))
-                continue
-            if int(ev.flags) & int(flags.TURN_FINISHED):
-                reason = "length" if ev.finish_reason == self.og.FinishReason.MAX_GENERATED_TOKENS else "stop"
-                self._finish_base(req, job, reason)
-
-    def _step_generators(self) -> None:
-        still = []
-        for gen, job in self._adapted:
-            if job.cancelled:
-                self._release(job)
-                continue
-            with self._lock:
-                gen.generate_next_token()
-                token = int(gen.get_next_tokens()[0])
-                done = gen.is_done()
-            if self._emit(job, token):
-                job.put("stop")
-            elif done or job.generated >= job.sampling.max_tokens:
-                job.put("length" if job.generated >= job.sampling.max_tokens else "stop")
-            else:
-                still.append((gen, job))
-                continue
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._waiting if j.cancelled]:
+            self._waiting.remove(job)
             self._release(job)
-        self._adapted = still
+        gone = [i for i, r in enumerate(self._rows) if r.job.cancelled]
+        if gone:
+            self._leave(gone)
 
-    def _emit(self, job: Job, token: int) -> bool:
-        """Hand one token to the request; True when it ends the answer (EOS, end of turn)."""
+    def _lora_for(self, adapters: list[str | None]) -> dict[str, np.ndarray]:
+        """The LoRA inputs for rows using `adapters`: [1, ...] when all rows share one, else stacked."""
+        with self._lock:
+            sets = [self.weights[a] if a is not None else {} for a in adapters]
+        if len(set(adapters)) == 1:
+            return {n: sets[0][n][None] if n in sets[0] else z for n, z in self._zeros.items()}
+        return {n: np.stack([w.get(n, z[0]) for w in sets]) for n, z in self._zeros.items()}
+
+    def _prefill(self, job: Job) -> None:
+        """Run the prompt alone with its adapter, emit its first token, and add it to the batch."""
+        try:
+            step = self.graph.run(np.asarray([job.ids], np.int64), np.zeros(1, np.int64), self.graph.empty_cache(),
+                                  self._lora_for([job.adapter]))
+        except Exception as e:  # this request's failure (onnxruntime refused it), not the engine's
+            self._release(job)
+            job.put(e)
+            return
+        row = Row(job, len(job.ids), 0, np.random.default_rng(job.sampling.seed))
+        if self._advance(row, step.logits[0, -1]):
+            self._join(row, step.cache)
+
+    def _decode(self) -> None:
+        rows = self._rows
+        if self._lora is None:
+            self._lora = self._lora_for([r.job.adapter for r in rows])
+        ids = np.asarray([[r.next_token] for r in rows], np.int64)
+        lengths = np.asarray([r.length for r in rows], np.int64)
+        step = self.graph.run(ids, lengths, self._cache, self._lora)
+        self._cache = step.cache
+        done = []
+        for i, row in enumerate(rows):
+            row.length += 1
+            if not self._advance(row, step.logits[i, -1]):
+                done.append(i)
+        if done:
+            self._leave(done)
+
+    def _advance(self, row: Row, logits: np.ndarray) -> bool:
+        """Sample the row's next token and hand it over; False when the request is finished."""
+        job = row.job
+        if job.generated < job.sampling.min_tokens and job.stop_ids:  # vLLM's min_tokens: stops masked
+            logits = logits.copy()
+            logits[list(job.stop_ids)] = -np.inf
+        token = sample(logits, job.sampling, row.rng)
         if token in job.stop_ids:
-            return True
-        job.generated += 1
-        job.put(token)
+            reason = "stop"
+        else:
+            job.generated += 1
+            job.put(token)
+            if job.generated < job.sampling.max_tokens:
+                row.next_token = token
+                return True
+            reason = "length"
+        job.put(reason)
+        self._release(job)
         return False
 
-    def _finish_base(self, req: Any, job: Job, outcome: Any, cancel: bool = False) -> None:
-        self._base.pop(id(req), None)
-        with self._lock:
-            if cancel:
-                req.cancel_turn(job.turn)
-            req.close()
-        job.put(outcome)
+    def _join(self, row: Row, cache: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        width = max(self._cache[0][0].shape[2], row.length)
+        self._cache = [(np.concatenate([_pad(k, width), _pad(k1, width)]), np.concatenate([_pad(v, width), _pad(v1, width)]))
+                       for (k, v), (k1, v1) in zip(self._cache, cache)]
+        self._rows.append(row)
+        self._lora = None
 
-    def _drop_cancelled(self) -> None:
-        for key, (req, job) in list(self._base.items()):
-            if job.cancelled:
-                self._finish_base(req, job, "cancelled", cancel=True)
+    def _leave(self, idx: list[int]) -> None:
+        for i in idx:
+            if not self._rows[i].job.released:  # cancelled while running
+                self._rows[i].job.put("cancelled")
+                self._release(self._rows[i].job)
+        keep = [i for i in range(len(self._rows)) if i not in set(idx)]
+        self._rows = [self._rows[i] for i in keep]
+        width = max((r.length for r in self._rows), default=0)  # drop the columns no row needs any more
+        self._cache = [(k[keep, :, :width], v[keep, :, :width]) for k, v in self._cache]
+        self._lora = None
 
     def _release(self, job: Job) -> None:
-        if job.adapter is not None:
+        if job.adapter is not None and not job.released:
             with self._lock:
                 self.in_use[job.adapter] -= 1
+        job.released = True
+
+
+def _pad(x: np.ndarray, width: int) -> np.ndarray:
+    """Right-pad a cache [rows, heads, length, size] with zeros to `width` positions."""
+    extra = width - x.shape[2]
+    return x if extra == 0 else np.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))

@@ -21,12 +21,14 @@ from serve.errors import OpenAIError
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 
-# Fields the engine honours; anything else must be absent or at its "off" value.
+# Fields the engine honours; anything else must be absent or at its "off" value. top_k,
+# min_tokens and ignore_eos are vLLM's extensions of OpenAI's API, with vLLM's meaning.
 HONOURED = {
     CHAT: {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
-           "stop", "stream", "stream_options", "user", "n", "metadata", "store", "service_tier"},
+           "stop", "stream", "stream_options", "user", "n", "metadata", "store", "service_tier", "min_tokens",
+           "ignore_eos"},
     COMPLETIONS: {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-                  "stream_options", "user", "n", "best_of", "echo", "logprobs"},
+                  "stream_options", "user", "n", "best_of", "echo", "logprobs", "min_tokens", "ignore_eos"},
 }
 # A field at one of these values asks for nothing (clients such as LangChain send n: 1, logprobs: false).
 OFF = {"n": 1, "best_of": 1, "presence_penalty": 0, "frequency_penalty": 0, "echo": False, "logprobs": None,
@@ -48,6 +50,8 @@ class Ask:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    min_tokens: int = 0  # end of sequence/turn not taken before this many tokens
+    ignore_eos: bool = False  # generate through end of sequence/turn up to max_tokens
 
 
 @lru_cache(maxsize=2)
@@ -74,7 +78,7 @@ def parse(route: str, body: dict[str, Any]) -> Ask:
             continue
         if value is None or value is False or value == [] or value == {} or (key in OFF and value == OFF[key]):
             continue
-        raise OpenAIError(400, f"{key} is not supported by the edge server (onnxruntime-genai); leave it out, or "
+        raise OpenAIError(400, f"{key} is not supported by the edge server; leave it out, or "
                                "send this request to the vLLM server", param=key)
     stop = body.get("stop") or []
     opts = body.get("stream_options") or {}
@@ -83,12 +87,30 @@ def parse(route: str, body: dict[str, Any]) -> Ask:
                                                          is not None else 1.0),
               top_p=float(body.get("top_p") or 1.0), top_k=body.get("top_k") or None, seed=body.get("seed"),
               stop=[stop] if isinstance(stop, str) else list(stop), stream=bool(body.get("stream")),
-              include_usage=bool(opts.get("include_usage")))
+              include_usage=bool(opts.get("include_usage")), min_tokens=_count(body, "min_tokens"),
+              ignore_eos=_flag(body, "ignore_eos"))
     if route == CHAT:
         ask.messages = _messages(body.get("messages"))
     else:
         ask.prompt = _prompt(body.get("prompt"))
     return ask
+
+
+def _count(body: dict[str, Any], key: str) -> int:
+    """An extension field that the openai types do not check: a whole number >= 0, or absent."""
+    value = body.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OpenAIError(400, f"{key}: a whole number >= 0", param=key)
+    return value
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise OpenAIError(400, f"{key}: true or false", param=key)
+    return value
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:

@@ -4,7 +4,8 @@ The front (serve/routes.py) is the vLLM server's: keys, limits, drain, the regis
 /v1/models, the admin routes, metrics and the error shape. `EdgeBackend` is the engine side of its
 `Backend` seam: it renders the prompt with the adapter's recorded template (lorafleet/templates.py,
 the renderer training used), stops at the template's end of turn, runs the request on the
-OnnxEngine and writes the answer in the openai package's types.
+OnnxEngine (continuous batching, one adapter per batch row) and writes the answer in the openai
+package's types.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class EdgeBackend:
         ids, stop_ids = self._prompt(ask, template)
         sampling = self._sampling(ask, len(ids))
         key, loaded = await self._adapter(req.adapter)
-        job = Job(ids, sampling, key, stop_ids)
+        job = Job(ids, sampling, key, frozenset() if ask.ignore_eos else stop_ids)
         self.engine.submit(job)
         finished = False
         try:
@@ -123,7 +124,9 @@ class EdgeBackend:
             raise OpenAIError(400, "top_p must be in (0, 1]", param="top_p")
         if ask.top_k is not None and ask.top_k < 1:
             raise OpenAIError(400, "top_k must be at least 1", param="top_k")
-        return Sampling(ask.max_tokens or room, ask.temperature, ask.top_p, ask.top_k, ask.seed)
+        if ask.min_tokens > (ask.max_tokens or room):
+            raise OpenAIError(400, f"min_tokens={ask.min_tokens} is above max_tokens", param="min_tokens")
+        return Sampling(ask.max_tokens or room, ask.temperature, ask.top_p, ask.top_k, ask.seed, ask.min_tokens)
 
     async def _adapter(self, ref: AdapterRef | None) -> tuple[str | None, bool]:
         """The engine's key for the adapter version (loaded now if it was not), and whether it was."""
@@ -233,7 +236,7 @@ def build_edge_app(cfg: ServeConfig, onnx_dir: Path):
     tok = PreTrainedTokenizerFast.from_pretrained(onnx_dir)
     template_file = onnx_dir / "chat_template.jinja"
     base_template = template_file.read_text() if template_file.is_file() else tok.chat_template
-    engine = OnnxEngine(onnx_dir)
+    engine = OnnxEngine(onnx_dir, max_batch=cfg.engine.max_num_seqs)
     backend = EdgeBackend(engine, tok, base_template, max_resident=cfg.max_resident_adapters)
     fe = Frontend(served_name=served, registry=registry, backend=backend, max_model_len=engine.context_length,
                   limits=cfg.limits, api_keys=read_keys("LORAFLEET_API_KEY", cfg.api_keys_file),
