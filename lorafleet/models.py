@@ -105,14 +105,16 @@ def resolve_model(name: str) -> str:
 def fetch_model(source: str, out: str | Path, log=print) -> Path:
     """Copy a model to `out`, all at once (lorafleet.atomic): `hf://org/name` or `org/name` from the
     Hugging Face hub (HF_TOKEN for gated models), `s3://bucket/prefix` or any fsspec URL, or a
-    local directory. A model already at `out` (config.json present) is left as it is, so the
-    model-loader Job can run again safely. Returns `out`. Raises UserError when the source has
-    no model (no config.json) or cannot be read.
+    local directory. A model is an HF model directory (config.json) or an ONNX export
+    (genai_config.json, `lorafleet export-onnx`). A model already at `out` is left as it is, so
+    the model-loader Jobs can run again safely. Returns `out`. Raises UserError when the source
+    has no model or cannot be read.
     """
     from lorafleet.atomic import atomic_dir
 
     out = Path(out)
-    if (out / "config.json").is_file():
+    markers = ("config.json", "genai_config.json")
+    if any((out / m).is_file() for m in markers):
         log(f"{out} already holds a model: nothing to fetch")
         return out
     with atomic_dir(out) as tmp:
@@ -130,8 +132,9 @@ def fetch_model(source: str, out: str | Path, log=print) -> Path:
             from huggingface_hub import snapshot_download
 
             snapshot_download(source.removeprefix("hf://"), local_dir=tmp)
-        if not (tmp / "config.json").is_file():
-            raise UserError(f"{source} has no config.json: it is not a model directory; nothing was written to {out}")
+        if not any((tmp / m).is_file() for m in markers):
+            raise UserError(f"{source} has no config.json (an HF model) or genai_config.json (an ONNX export): it is "
+                            f"not a model directory; nothing was written to {out}")
         log(f"model from {source} written to {out}")
     return out
 

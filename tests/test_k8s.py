@@ -131,11 +131,11 @@ def test_volumes_have_a_storage_class_and_writers_an_fsgroup(rendered, jobs):
 def test_jobs_run_when_asked_and_merge_after_train(rendered, jobs):
     for overlay in rendered:
         assert not [d for d in rendered[overlay] if d["kind"] == "Job"]  # applying the cluster starts none
-    assert set(jobs) == {"model-loader", "train", "merge"}
+    assert set(jobs) == {"model-loader", "train", "merge", "edge-loader"}
     for name, docs in jobs.items():
         assert [d["kind"] for d in docs] == ["Job"]
         errs = [e for d in docs for e in kc.schema_errors(d, None)]
-        errs += kc.semantic_errors(docs + rendered["gpu"], kc.ROOT / "Dockerfile")
+        errs += kc.semantic_errors(docs + rendered["edge" if name == "edge-loader" else "gpu"], kc.ROOT / "Dockerfile")
         assert not [e for e in errs if "Jobs belong" not in e], errs
     train_out = yaml.safe_load(next(d for d in rendered["gpu"] if d["kind"] == "ConfigMap")["data"]["train.yaml"])
     wait = jobs["merge"][0]["spec"]["template"]["spec"]["initContainers"][0]
@@ -143,6 +143,20 @@ def test_jobs_run_when_asked_and_merge_after_train(rendered, jobs):
     assert "--adapter" in jobs["merge"][0]["spec"]["template"]["spec"]["containers"][0]["args"]
     loader = jobs["model-loader"][0]["spec"]["template"]["spec"]["containers"][0]
     assert loader["command"] == ["lorafleet", "fetch-model"] and "/models/base" in loader["args"]
+    # The edge loader fills the volume the edge pod reads its export from, in the edge namespace.
+    edge_job = jobs["edge-loader"][0]
+    fetch = edge_job["spec"]["template"]["spec"]["containers"][0]
+    edge_cfg = yaml.safe_load(next(d for d in rendered["edge"] if d["kind"] == "ConfigMap")["data"]["edge.yaml"])
+    pod = next(d for d in rendered["edge"] if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if edge_cfg["model"].startswith(m["mountPath"]))
+    claim = next(v for v in pod["volumes"] if v["name"] == mount["name"])["persistentVolumeClaim"]["claimName"]
+    assert fetch["command"] == ["lorafleet", "fetch-model"] and fetch["args"][-1] == edge_cfg["model"]
+    assert edge_job["metadata"]["namespace"] == pod_ns(rendered["edge"])
+    assert edge_job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == claim
+
+
+def pod_ns(docs):
+    return next(d for d in docs if d["kind"] == "Deployment")["metadata"]["namespace"]
 
 
 def test_ray_token_auth_upgrades_that_apply_and_no_deprecated_fields(ray_rendered):
