@@ -20,11 +20,12 @@ def replace_block(text: str, marker: str, body: str) -> str:
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
-    ref = subprocess.run([sys.executable, "-m", "lorafleet.cli", "config-reference", "train"], capture_output=True,
-                         text=True, check=True, cwd=ROOT).stdout
-    text = replace_block(text, "config-reference:train", ref)
+    for kind in ("train", "serve"):
+        ref = subprocess.run([sys.executable, "-m", "lorafleet.cli", "config-reference", kind], capture_output=True,
+                             text=True, check=True, cwd=ROOT).stdout
+        text = replace_block(text, f"config-reference:{kind}", ref)
     parts = []
-    for name in ("train", "merge", "qlora_merge", "onnx", "lora_kernel", "serve", "reliability", "tools_json"):
+    for name in ("train", "merge", "qlora_merge", "onnx", "lora_kernel", "serve", "reliability", "tools_json", "edge"):
         f = RESULTS / f"{name}.json"
         if not f.is_file():
             continue
@@ -36,6 +37,9 @@ def main() -> None:
                      f"{r['markdown']}{plot}\n")
     if parts:
         text = replace_block(text, "bench-results", "\n".join(parts))
+    edge = [p for p in parts if p.startswith("**edge**")]
+    if edge:  # also beside the edge server's section
+        text = replace_block(text, "bench-edge", edge[0])
     readme.write_text(text)
     print(f"README.md updated ({len(parts)} benchmark tables)")
 

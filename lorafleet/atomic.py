@@ -76,3 +76,15 @@ def disk_full(e: BaseException) -> str | None:
         if os.strerror(code) in text:  # e.g. safetensors' Rust I/O error carries only the message
             return why
     return None
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace the file at `path` with `text` in one rename: a reader sees the old file or the new
+    one, never half of it (a replica following the file, a ConfigMap sync). Mode as open() gives."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

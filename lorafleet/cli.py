@@ -251,6 +251,63 @@ def serve_edge(config: Optional[Path] = typer.Argument(None, help="Serve YAML (o
     run(cfg, log_fn=log)
 
 
+fleet_app = typer.Typer(no_args_is_help=True, help="Adapter aliases and rollouts in the fleet file (fleet.yaml): "
+                        "check it, start a canary, promote, roll back. Serving replicas follow the file.")
+app.add_typer(fleet_app, name="fleet")
+FLEET_FILE = typer.Option(Path(os.environ.get("LORAFLEET_FLEET_FILE", "fleet.yaml")), "--file",
+                          help="The fleet file (default: $LORAFLEET_FLEET_FILE or ./fleet.yaml).")
+SERVE_CONFIG = typer.Option(None, "--config", help="Serve YAML whose registry.require_eval is the default gate.")
+
+
+def _gate_of(config: Optional[Path]):
+    if config is None:
+        return None
+    from lorafleet.config import ServeConfig, load_config
+
+    return load_config(ServeConfig, config, []).registry.require_eval
+
+
+@fleet_app.command("check")
+@user_errors
+def fleet_check(file: Path = FLEET_FILE, config: Optional[Path] = SERVE_CONFIG):
+    """Check the fleet file as a server would (syntax, versions, sources, traffic) and print it."""
+    from lorafleet.fleet import read_fleet
+
+    fleet = read_fleet(file, _gate_of(config))
+    for a in fleet.aliases.values():
+        log(f"{a.name}: " + ", ".join(f"{v} {w}%" for v, w in a.traffic.items())
+            + f"  (versions: {', '.join(a.versions)})")
+
+
+@fleet_app.command("canary")
+@user_errors
+def fleet_canary(alias: str, version: str, weight: int = typer.Option(10, help="Percent of callers for VERSION."),
+                 file: Path = FLEET_FILE, config: Optional[Path] = SERVE_CONFIG):
+    """Send WEIGHT percent of ALIAS's callers to VERSION (the rest stay on the current version),
+    if VERSION's recorded evaluation passes the gate and is not below the current version's."""
+    from lorafleet.fleet import canary
+
+    log(canary(file, alias, version, weight, _gate_of(config)))
+
+
+@fleet_app.command("promote")
+@user_errors
+def fleet_promote(alias: str, version: str, file: Path = FLEET_FILE, config: Optional[Path] = SERVE_CONFIG):
+    """Send all of ALIAS's callers to VERSION, under the same checks as a canary."""
+    from lorafleet.fleet import promote
+
+    log(promote(file, alias, version, _gate_of(config)))
+
+
+@fleet_app.command("rollback")
+@user_errors
+def fleet_rollback(alias: str, file: Path = FLEET_FILE):
+    """End ALIAS's canary, or go back to the version promoted before the current one."""
+    from lorafleet.fleet import rollback
+
+    log(rollback(file, alias))
+
+
 @app.command("config-reference")
 def config_reference_cmd(kind: str = typer.Argument("train", help="train | serve")):
     """Print the config reference (Markdown table) generated from the schema."""

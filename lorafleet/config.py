@@ -240,6 +240,11 @@ class ServeConfig(_Strict):
     adapters: list[str] = Field(default_factory=list, description="Adapter sources: dirs, s3://…, hf://…")
     max_resident_adapters: int = Field(8, ge=1, description="Loaded at once per replica; LRU beyond.")
     registry: RegistrySection = Field(default_factory=RegistrySection)
+    fleet_file: str | None = Field(
+        None, description="The fleet file (lorafleet/fleet.py): adapter aliases, their versions and traffic weights; "
+                          "`model: ALIAS` goes to a version, `ALIAS@VERSION` pins one. Followed without a restart; "
+                          "an invalid edit is refused whole and the previous state keeps serving.")
+    fleet_poll_s: float = Field(2.0, gt=0, description="How often the fleet file is checked for changes (seconds).")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     address: str | None = Field(None, description="Existing Ray cluster; unset starts a local one.")

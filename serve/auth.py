@@ -18,7 +18,8 @@ from lorafleet.errors import UserError
 from serve.errors import OpenAIError
 
 OPEN_PATHS = ("/health", "/ready", "/metrics")
-ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters/rescan")
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/adapters/rescan", "/v1/fleet",
+               "/v1/fleet/reload")
 
 
 def read_keys(env: str, path: str | None) -> list[str]:

@@ -35,13 +35,21 @@ class AdapterRef:
     config and weights), so an adapter replaced in place is a new identity to the engine.
     `uri` is its source; a replica fetches a remote one (s3://, hf://) itself, and reads a local
     one (a shared volume) at `path`. `template` is the Jinja chat template recorded in its
-    manifest (None: the base's).
+    manifest (None: the base's). `fleet_version`: the fleet file's version name when `name` is
+    ALIAS@VERSION (serve/fleet.py), else None.
     """
     name: str
     path: str
     version: str
     template: str | None = None
     uri: str = ""
+    fleet_version: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Which version answered, for the response header and the metrics' `version` label: the
+        fleet's version name, or the content hash of an adapter outside the fleet."""
+        return self.fleet_version or self.version
 
 
 @dataclass

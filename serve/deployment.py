@@ -93,6 +93,7 @@ def build_frontend(cfg: ServeConfig, model_path: str, backend: Any, max_model_le
     """The front (serve/routes.py) for this deployment: registry, keys, limits."""
     from lorafleet.models import base_fingerprint, cache_root, module_shapes
     from serve.auth import read_keys
+    from serve.fleet import start_router
     from serve.registry import AdapterRegistry, log_adapters
     from serve.routes import Frontend
 
@@ -106,11 +107,13 @@ def build_frontend(cfg: ServeConfig, model_path: str, backend: Any, max_model_le
                                lora_target_modules=targets,
                                packed_modules=packed_modules_mapping(model_path) if targets is not None else None)
     registry.scan()
+    fleet = start_router(cfg.fleet_file, registry, cfg.registry.require_eval, cfg.fleet_poll_s)
     log_adapters(registry, model_path)
     return Frontend(served_name=cfg.served_model_name or cfg.model, registry=registry, backend=backend,
                     max_model_len=max_model_len, limits=cfg.limits,
                     api_keys=read_keys("LORAFLEET_API_KEY", cfg.api_keys_file),
-                    admin_keys=read_keys("LORAFLEET_ADMIN_KEY", cfg.admin_keys_file), root_model=cfg.model)
+                    admin_keys=read_keys("LORAFLEET_ADMIN_KEY", cfg.admin_keys_file), root_model=cfg.model,
+                    fleet=fleet)
 
 
 def lora_target_modules(extra_args: list[str]) -> list[str] | None:

@@ -272,6 +272,28 @@ class AdapterRegistry:
             self.engine_refused.discard(name)
         return a
 
+    def add_version(self, name: str, uri: str) -> Adapter:
+        """A fleet file's version (`ALIAS@VERSION`, lorafleet/fleet.py) from its source, through the
+        gate; kept across scans like an admin-loaded adapter. The operator's file names the source,
+        so it need not be under a configured root. OpenAIError (422) when the gate refuses it."""
+        with self._lock:
+            old = self.adapters.get(name)
+        if old is not None and old.uri == (uri if is_remote(uri) else str(Path(uri).resolve())) and old.info:
+            return self.prepare(old)
+        a = Adapter(name, uri, registered=True)
+        self.prepare(a)
+        with self._lock:
+            self.adapters[name] = a
+            self.unloaded.discard(name)
+            self.engine_refused.discard(name)
+        return a
+
+    def remove_version(self, name: str) -> None:
+        """A version the fleet file no longer declares: no new request gets it."""
+        with self._lock:
+            self.adapters.pop(name, None)
+            self.rejected.pop(name, None)
+
     def refused_by_engine(self, name: str, why: str) -> None:
         with self._lock:
             self.engine_refused.add(name)

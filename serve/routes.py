@@ -36,6 +36,8 @@ from serve.registry import AdapterRegistry
 log = logging.getLogger("lorafleet.serve")
 
 UNLOAD_NOTICE_S = 600.0
+# Which adapter version answered: `ALIAS@VERSION` (fleet file), `NAME@CONTENT_HASH`, or the base's name.
+VERSION_HEADER = b"x-lorafleet-version"
 # Client headers a replica may read (vLLM takes the request id and trace context from them).
 PASSED_HEADERS = {b"x-request-id", b"traceparent", b"tracestate"}
 
@@ -79,6 +81,7 @@ class Frontend:
     # Builds one /v1/models entry from its fields (id, root, parent, owned_by, created, max_model_len):
     # vLLM's ModelCard for the vLLM engine, the openai package's Model for the ONNX engine.
     model_card: Callable[..., dict[str, Any]] = vllm_model_card
+    fleet: Any = None  # serve/fleet.py FleetRouter: aliases and versions from the fleet file
     per_key_in_flight: defaultdict = field(default_factory=lambda: defaultdict(int))
     draining: bool = False
     # Adapters unloaded through the admin API, by time. The unload reaches one engine replica;
@@ -99,22 +102,27 @@ class Frontend:
 
     def unknown_model(self, model: str | None) -> OpenAIError:
         """404 for a `model` that is neither the base nor an adapter (vLLM's message), naming them."""
-        names = [self.served_name, *(a.name for a in self.registry.servable())]
+        aliases = [c["id"] for c in self.fleet.cards()] if self.fleet else []
+        names = [self.served_name, *aliases, *(a.name for a in self.registry.servable())]
         return OpenAIError(404, f"The model `{model}` does not exist. Models on this server: {', '.join(names)} "
                                 "(GET /v1/models).", param="model")
 
-    async def resolve(self, model: str | None) -> AdapterRef | None:
+    async def resolve(self, model: str | None, body: dict[str, Any] | None = None) -> AdapterRef | None:
         """The adapter version a request's `model` names, through the registry's gate; None for
-        the base or a name the registry does not know."""
+        the base or a name the registry does not know. An alias of the fleet file goes to the
+        version its caller sticks to (serve/fleet.py); ALIAS@VERSION pins one."""
         if not model or model == self.served_name:
             return None
-        a = await asyncio.to_thread(self.registry.get, model)
+        route = self.fleet.route(model, body) if self.fleet else None
+        name = route.adapter if route else model
+        a = await asyncio.to_thread(self.registry.get, name)
         if a is None:
             return None
-        if model in self.registry.engine_refused:  # not again: each try could evict a good adapter
-            raise adapter_refused(self.registry.rejected.get(model, f"the engine refused adapter {model}"))
+        if name in self.registry.engine_refused:  # not again: each try could evict a good adapter
+            raise adapter_refused(self.registry.rejected.get(name, f"the engine refused adapter {name}"))
         await asyncio.to_thread(self.registry.prepare, a)
-        return AdapterRef(a.name, str(a.local_path), a.version, a.template, a.uri)
+        return AdapterRef(a.name, str(a.local_path), a.version, a.template, a.uri,
+                          route.version if route else None)
 
 
 # --------------------------------------------------------------------------- the OpenAI routes
@@ -192,7 +200,7 @@ class OpenAIRoute:
             body = await read_body(receive, fe.limits.max_body_bytes, (headers.get(b"content-length") or b"").decode())
             obj = parse_body(body)
             model = requested_model(obj) or fe.served_name
-            adapter = await fe.resolve(model)
+            adapter = await fe.resolve(model, obj)
             if adapter is None and model != fe.served_name:
                 model = "unknown"  # a metric label per made-up name would grow without end
                 raise fe.unknown_model(requested_model(obj))
@@ -201,25 +209,30 @@ class OpenAIRoute:
                 raise OpenAIError(429, f"too many concurrent requests for this key (limit "
                                        f"{fe.limits.max_concurrent_per_key}); retry shortly", headers={"Retry-After": "1"})
         except OpenAIError as e:
-            m.requests.labels(path, model, str(e.status)).inc()
+            m.requests.labels(path, model, str(e.status), "").inc()
             return await e.response()(scope, receive, send)
         req = ReplicaRequest(scope["method"], path, body, adapter,
                              [(k, v) for k, v in scope["headers"] if k.lower() in PASSED_HEADERS],
                              fe.recently_unloaded())
         fe.per_key_in_flight[key] += 1
         m.in_flight.inc()
+        version = adapter.label if adapter else ""
+        answered_by = (f"{adapter.name}@{adapter.version}" if adapter and not adapter.fleet_version
+                       else adapter.name if adapter else fe.served_name)
+        send = _with_header(send, VERSION_HEADER, answered_by.encode())
         try:
             if hasattr(fe.backend, "serve_asgi"):  # the replica is in this process: straight onto the socket
-                status = await self._direct(req, model, scope, receive, send, t0)
+                status = await self._direct(req, model, version, scope, receive, send, t0)
             else:
-                status = await self._relay(req, model, scope, receive, send, t0)
+                status = await self._relay(req, model, version, scope, receive, send, t0)
         finally:
             fe.per_key_in_flight[key] -= 1
             m.in_flight.dec()
-        m.requests.labels(path, model, str(status)).inc()
+        m.requests.labels(path, model, str(status), version).inc()
         m.latency.labels(path).observe(time.perf_counter() - t0)
+        m.version_latency.labels(model, version).observe(time.perf_counter() - t0)
 
-    async def _direct(self, req: ReplicaRequest, model: str, scope, receive, send, t0: float) -> int:
+    async def _direct(self, req: ReplicaRequest, model: str, version: str, scope, receive, send, t0: float) -> int:
         """Let the replica in this process answer on the client's connection; returns the status."""
         m = self.fe.metrics
         seen = {"status": 500, "started": False, "streamed": False, "first": True}
@@ -231,7 +244,7 @@ class OpenAIRoute:
             if message["type"] == "http.response.start":
                 seen.update(status=message["status"], started=True, streamed=_is_event_stream(message.get("headers", [])))
             elif seen["first"] and seen["streamed"] and message.get("body"):
-                m.ttft.labels(model).observe(time.perf_counter() - t0)
+                m.ttft.labels(model, version).observe(time.perf_counter() - t0)
                 seen["first"] = False
             await send(message)
 
@@ -244,10 +257,10 @@ class OpenAIRoute:
             err = self._failed(req, e)
             await err.response()(scope, receive, send)
             return err.status
-        self._count_tokens(model, end)
+        self._count_tokens(model, version, end)
         return seen["status"]
 
-    async def _relay(self, req: ReplicaRequest, model: str, scope, receive, send, t0: float) -> int:
+    async def _relay(self, req: ReplicaRequest, model: str, version: str, scope, receive, send, t0: float) -> int:
         """Send the replica's answer to the client; returns the status it had."""
         m = self.fe.metrics
         try:
@@ -264,10 +277,10 @@ class OpenAIRoute:
             first = True
             async for ev in events:
                 if isinstance(ev, End):
-                    self._count_tokens(model, ev)
+                    self._count_tokens(model, version, ev)
                     continue
                 if first and streamed:
-                    m.ttft.labels(model).observe(time.perf_counter() - t0)
+                    m.ttft.labels(model, version).observe(time.perf_counter() - t0)
                 first = False
                 await send({"type": "http.response.body", "body": ev, "more_body": True})
 
@@ -323,9 +336,9 @@ class OpenAIRoute:
         for name in evicted:
             self.fe.metrics.adapter_evictions.labels(name).inc()
 
-    def _count_tokens(self, model: str, end: End) -> None:
-        self.fe.metrics.prompt_tokens.labels(model).inc(end.prompt_tokens)
-        self.fe.metrics.completion_tokens.labels(model).inc(end.completion_tokens)
+    def _count_tokens(self, model: str, version: str, end: End) -> None:
+        self.fe.metrics.prompt_tokens.labels(model, version).inc(end.prompt_tokens)
+        self.fe.metrics.completion_tokens.labels(model, version).inc(end.completion_tokens)
 
     def _failed(self, req: ReplicaRequest, e: BaseException) -> OpenAIError:
         """The error for a replica that failed before answering."""
@@ -338,6 +351,16 @@ class OpenAIRoute:
         log.error("request failed in the replica: %r", e)
         return OpenAIError(503, f"the engine could not serve this request ({type(e).__name__}: {str(e)[:200]}); "
                                 "retry shortly", headers={"Retry-After": "5"})
+
+
+def _with_header(send, name: bytes, value: bytes):
+    """`send` with one more header on the response's start."""
+    async def sending(message):
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (name, value)]}
+        await send(message)
+
+    return sending
 
 
 def _is_event_stream(headers) -> bool:
@@ -356,8 +379,15 @@ def model_cards(fe: Frontend) -> list[dict[str, Any]]:
     fe.registry.scan()
     out = [fe.model_card(id=fe.served_name, root=fe.root_model or fe.served_name, owned_by="lorafleet",
                          max_model_len=fe.max_model_len)]
+    if fe.fleet:  # aliases: what each points to
+        for alias in fe.fleet.cards():
+            card = fe.model_card(id=alias["id"], root=alias["id"], parent=fe.served_name, owned_by="lorafleet")
+            card["fleet"] = alias["fleet"]
+            out.append(card)
     for a in fe.registry.servable():
         card = fe.model_card(id=a.name, root=a.uri, parent=fe.served_name, owned_by="lorafleet", created=a.created)
+        if "@" in a.name:  # a fleet version
+            card["fleet"] = {"alias": a.name.split("@", 1)[0], "version": a.name.split("@", 1)[1]}
         if a.eval:  # the recorded evaluation (lorafleet eval): what a client can judge the adapter by
             card["eval"] = {k: a.eval.get(k) for k in ("data", "items", "adapter_scores", "base_scores", "created")}
         out.append(card)
@@ -458,6 +488,27 @@ def add_admin_routes(app: FastAPI, fe: Frontend) -> None:
         fe.unloaded[req.lora_name] = time.monotonic()
         await fe.backend.unload(req.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
+    @app.get("/v1/fleet")
+    async def fleet_state():
+        if fe.fleet is None:
+            raise OpenAIError(404, "this server follows no fleet file (set fleet_file)")
+        return fe.fleet.state()
+
+    @app.post("/v1/fleet/reload")
+    async def fleet_reload():
+        """Apply the fleet file now (the server also checks it every fleet_poll_s): 200 with the
+        state, or 422 naming the line; the previous state keeps serving."""
+        from lorafleet.fleet import FleetError
+
+        if fe.fleet is None:
+            raise OpenAIError(404, "this server follows no fleet file (set fleet_file)")
+        try:
+            await asyncio.to_thread(fe.fleet.apply)
+        except FleetError as e:
+            fe.fleet.error = str(e)
+            raise OpenAIError(422, str(e)) from None
+        return fe.fleet.state()
 
     @app.post("/v1/adapters/rescan")
     async def rescan():

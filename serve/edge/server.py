@@ -210,6 +210,7 @@ def build_edge_app(cfg: ServeConfig, onnx_dir: Path):
     from lorafleet.models import cache_root
     from serve.auth import read_keys
     from serve.edge.registry import EdgeRegistry
+    from serve.fleet import start_router
     from serve.registry import log_adapters
     from serve.routes import Frontend, build_app
 
@@ -230,6 +231,7 @@ def build_edge_app(cfg: ServeConfig, onnx_dir: Path):
                             no_inputs_reason=why, max_adapter_bytes=cfg.limits.max_adapter_bytes, base_name=served,
                             require_eval=cfg.registry.require_eval)
     registry.scan()
+    fleet = start_router(cfg.fleet_file, registry, cfg.registry.require_eval, cfg.fleet_poll_s)
     log_adapters(registry, str(onnx_dir))
     if not (onnx_dir / "tokenizer.json").is_file():
         raise UserError(f"{onnx_dir} has no tokenizer.json; export it again with `lorafleet export-onnx`")
@@ -241,7 +243,7 @@ def build_edge_app(cfg: ServeConfig, onnx_dir: Path):
     fe = Frontend(served_name=served, registry=registry, backend=backend, max_model_len=engine.context_length,
                   limits=cfg.limits, api_keys=read_keys("LORAFLEET_API_KEY", cfg.api_keys_file),
                   admin_keys=read_keys("LORAFLEET_ADMIN_KEY", cfg.admin_keys_file), root_model=str(onnx_dir),
-                  model_card=openai_model_card)
+                  model_card=openai_model_card, fleet=fleet)
     return build_app(fe)
 
 
