@@ -206,6 +206,8 @@ def semantic_errors(docs: list[dict[str, Any]], dockerfile: Path) -> list[str]:
                     continue
                 if cfg.resources.num_gpus > 0 and not gpu_groups:
                     errs.append("serveConfigV2 asks for GPUs but no worker group offers num-gpus")
+                if cfg.fleet_file:
+                    errs += fleet_file_errors(cfg.fleet_file, d, docs)
             for g in gpu_groups:
                 for c in g["template"]["spec"]["containers"]:
                     lim = c.get("resources", {}).get("limits", {})
@@ -213,6 +215,45 @@ def semantic_errors(docs: list[dict[str, Any]], dockerfile: Path) -> list[str]:
                         errs.append(f"worker group {g['groupName']}: num-gpus {g['rayStartParams']['num-gpus']} "
                                     f"but nvidia.com/gpu limit {lim.get('nvidia.com/gpu')}")
     return errs
+
+
+def fleet_file_errors(path: str, rs: dict[str, Any], docs: list[dict[str, Any]]) -> list[str]:
+    """The serve config's fleet_file must come from a ConfigMap that every Ray pod mounts as a
+    directory (a subPath mount never sees the ConfigMap change: the file would stay as it was
+    when the pod started), and that ConfigMap's file must parse as a fleet file (its version
+    sources live on volumes, so they are checked by the running server, not here)."""
+    import tempfile
+
+    from lorafleet.fleet import FleetError, read_fleet
+
+    errs = []
+    file_name = path.rsplit("/", 1)[-1]
+    for where, spec in pod_specs(rs):
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        mounts = [m for c in spec.get("containers", []) for m in c.get("volumeMounts", [])
+                  if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        cm_mounts = [m for m in mounts if "configMap" in volumes.get(m["name"], {})]
+        if not cm_mounts:
+            errs.append(f"{where}: fleet_file {path} is on no ConfigMap mount: every Ray pod needs the file")
+            continue
+        if any("subPath" in m for m in cm_mounts):
+            errs.append(f"{where}: fleet_file {path} is mounted with subPath, which never sees ConfigMap updates; "
+                        "mount the ConfigMap as a directory")
+            continue
+        name = volumes[cm_mounts[0]["name"]]["configMap"]["name"]
+        cm = next((d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name), None)
+        text = (cm or {}).get("data", {}).get(file_name)
+        if text is None:
+            errs.append(f"{where}: ConfigMap {name} has no key {file_name} (fleet_file {path})")
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            f = Path(tmp) / file_name
+            f.write_text(text)
+            try:
+                read_fleet(f, check_sources=False)
+            except FleetError as e:
+                errs.append(f"ConfigMap {name}: {file_name} is not a fleet file: {e}")
+    return sorted(set(errs))
 
 
 def rayservice_errors(rs: dict[str, Any], docs: list[dict[str, Any]]) -> list[str]:

@@ -85,9 +85,10 @@ class Fleet:
         return f"{alias}@{version}"
 
 
-def read_fleet(path: str | Path, require_eval_default: Any = None) -> Fleet:
+def read_fleet(path: str | Path, require_eval_default: Any = None, check_sources: bool = True) -> Fleet:
     """Parse and check `path`. Local version sources are resolved against the file's directory and
-    must exist. Raises FleetError naming the line: YAML syntax, unknown keys, an alias or version
+    must exist (`check_sources` False: taken as written, for a file checked away from the volumes
+    its sources are on). Raises FleetError naming the line: YAML syntax, unknown keys, an alias or version
     name that is not [A-Za-z0-9._-], a missing source, traffic naming an unknown version, weights
     that are not whole numbers >= 0 or do not sum to 100, history naming an unknown version."""
     path = Path(path)
@@ -111,11 +112,11 @@ def read_fleet(path: str | Path, require_eval_default: Any = None) -> Fleet:
     aliases = {}
     if "aliases" in top:
         for name, (key_node, node) in _mapping(path, top["aliases"][1], "aliases").items():
-            aliases[name] = _alias(path, name, key_node, node, require_eval_default)
+            aliases[name] = _alias(path, name, key_node, node, require_eval_default, check_sources)
     return Fleet(path, aliases, hashlib.sha256(raw).hexdigest())
 
 
-def _alias(path: Path, name: str, key_node, node, require_default: Any) -> Alias:
+def _alias(path: Path, name: str, key_node, node, require_default: Any, check_sources: bool = True) -> Alias:
     at = f"{path}:{_line(key_node)}"
     if not NAME_RE.match(name):
         raise FleetError(f"{at}: alias {name!r}: use letters, digits, '.', '_' and '-' (no '@')")
@@ -136,7 +137,8 @@ def _alias(path: Path, name: str, key_node, node, require_default: Any) -> Alias
         source = yaml.safe_load(yaml.serialize(vn)) if vn.tag != "tag:yaml.org,2002:null" else None
         if not isinstance(source, str) or not source:
             raise FleetError(f"{path}:{_line(vk)}: alias {name}: version {v} needs its adapter's source (a path or URI)")
-        versions[v] = _source(path, source, f"{path}:{_line(vk)}: alias {name}: version {v}")
+        versions[v] = _source(path, source, f"{path}:{_line(vk)}: alias {name}: version {v}") if check_sources \
+            else source
     if not versions:
         raise FleetError(f"{at}: alias {name} has no versions")
     traffic = {}

@@ -248,7 +248,7 @@ def test_refusals_name_the_field(server):
     ids = {m.id: m for m in c.models.list().data}
     assert set(ids) == {"tiny", "alpha", "beta"} and ids["alpha"].parent == "tiny"
     metrics = httpx.get(url + "/metrics").text
-    assert 'lorafleet_requests_total{model="beta",route="/v1/chat/completions",status="400"}' in metrics
+    assert 'lorafleet_requests_total{model="beta",route="/v1/chat/completions",status="400",version=""}' in metrics
 
 
 def test_new_adapter_without_restart(server, export, tiny_base, tmp_path):

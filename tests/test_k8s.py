@@ -533,3 +533,29 @@ def test_edge_overlay_runs_the_edge_image_alone(rendered):
     broken = copy.deepcopy(docs)
     next(d for d in broken if d["kind"] == "ConfigMap")["data"]["edge.yaml"] = "port: many\n"
     assert any("edge.yaml" in e for e in kc.semantic_errors(broken, kc.ROOT / "Dockerfile"))
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu-datacenter"])
+def test_fleet_file_reaches_every_ray_pod_and_follows_its_configmap(rendered, overlay):
+    """The fleet ConfigMap is mounted as a directory in every Ray pod (updates arrive without a
+    restart); a subPath mount, a missing key or an unparseable file is reported."""
+    docs = rendered[overlay]
+    assert not [e for e in kc.semantic_errors(docs, kc.ROOT / "Dockerfile") if "fleet" in e]
+    rs = _rayservice(docs)
+    assert yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]["fleet_file"]
+
+    def broken(change):
+        d = copy.deepcopy(docs)
+        change(d)
+        return [e for e in kc.semantic_errors(d, kc.ROOT / "Dockerfile") if "fleet" in e]
+
+    def sub_path(d):
+        for m in _worker(_rayservice(d))["template"]["spec"]["containers"][0]["volumeMounts"]:
+            if m["name"] == "fleet":
+                m["subPath"] = "fleet.yaml"
+
+    assert any("subPath" in e for e in broken(sub_path))
+    cm = lambda d: next(x for x in d if x["kind"] == "ConfigMap" and x["metadata"]["name"] == "lorafleet-fleet")  # noqa: E731
+    assert any("not a fleet file" in e and ":4:" in e and "sums to 50" in e for e in broken(lambda d: cm(d)["data"].update(
+        {"fleet.yaml": "aliases:\n  legal:\n    versions: {v1: /adapters/legal/v1}\n    traffic: {v1: 50}\n"})))
+    assert any("has no key fleet.yaml" in e for e in broken(lambda d: cm(d)["data"].pop("fleet.yaml")))

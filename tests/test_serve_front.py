@@ -328,11 +328,14 @@ def test_an_adapter_named_like_the_base_is_not_served_under_that_name(front):
 
 
 def test_metrics_count_requests_tokens_and_loads(front):
-    post(front, "/v1/chat/completions", {"model": "alpha"})
+    r = post(front, "/v1/chat/completions", {"model": "alpha"})
     post(front, "/v1/chat/completions", {"model": "gamma"})
+    version = front.fe.registry.adapters["alpha"].version  # an adapter outside a fleet file: its content hash
+    assert r.headers["x-lorafleet-version"] == f"alpha@{version}"
     text = front.client.get("/metrics").text
-    assert 'lorafleet_requests_total{model="alpha",route="/v1/chat/completions",status="200"} 1.0' in text
-    assert 'lorafleet_completion_tokens_total{model="alpha"} 4.0' in text
+    assert (f'lorafleet_requests_total{{model="alpha",route="/v1/chat/completions",status="200",version="{version}"}} '
+            '1.0') in text
+    assert f'lorafleet_completion_tokens_total{{model="alpha",version="{version}"}} 4.0' in text
     assert 'lorafleet_adapter_loads_total{model="alpha"} 1.0' in text
 
 
