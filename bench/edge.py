@@ -127,36 +127,48 @@ async def load(url: str, reqs: list[tuple[str, str]], clients: int, max_tokens: 
     """`clients` concurrent streams through `reqs`; completion tokens counted from each stream."""
     import httpx
 
-    queue, ttfts, toks, errors = list(reqs), [], [], []
+    queue, ttfts, toks, errors, retries = list(reqs), [], [], [], []
 
     async def client(c: httpx.AsyncClient) -> None:
         while queue:
             model, prompt = queue.pop(0)
             body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "ignore_eos": True, **body_for(model)}
-            t0, first, n = time.perf_counter(), None, 0
-            try:
-                async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
-                    if r.status_code != 200:
-                        raise RuntimeError(f"{r.status_code}: {(await r.aread())[:200]!r}")
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        ev = json.loads(line[6:])
-                        if ev.get("choices") and ev["choices"][0].get("text"):
-                            first = first or time.perf_counter() - t0
-                        if ev.get("usage"):
-                            n = ev["usage"]["completion_tokens"]
-                ttfts.append(first if first is not None else time.perf_counter() - t0)
-                toks.append(n)
-            except Exception as e:  # counted and reported; a benchmark keeps going
-                errors.append(f"{type(e).__name__}: {e}"[:200])
+                    "stream_options": {"include_usage": True}, "ignore_eos": True, **body_for(model)}
+            for attempt in (1, 2):  # a pooled connection the server closed while idle: once more, on a new one
+                t0, first, n, chunks = time.perf_counter(), None, 0, 0
+                try:
+                    async with c.stream("POST", f"{url}/v1/completions", json=body) as r:
+                        if r.status_code != 200:
+                            raise RuntimeError(f"{r.status_code}: {(await r.aread())[:200]!r}")
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            ev = json.loads(line[6:])
+                            if ev.get("choices") and ev["choices"][0].get("text"):
+                                first = first or time.perf_counter() - t0
+                                chunks += 1
+                            if ev.get("usage"):
+                                n = ev["usage"]["completion_tokens"]
+                    if not n:
+                        raise RuntimeError(f"no usage in the stream ({chunks} text chunks)")
+                    ttfts.append(first if first is not None else time.perf_counter() - t0)
+                    toks.append(n)
+                    break
+                except httpx.RemoteProtocolError as e:
+                    if attempt == 2 or chunks:
+                        errors.append(f"{type(e).__name__}: {e}"[:200])
+                        break
+                    retries.append(1)
+                except Exception as e:  # counted and reported; a benchmark keeps going
+                    errors.append(f"{type(e).__name__}: {e}"[:200])
+                    break
 
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=600) as c:
         await asyncio.gather(*(client(c) for _ in range(clients)))
     wall = time.perf_counter() - t0
     return {"requests": len(toks), "errors": len(errors), "error_kinds": sorted(set(errors))[:3],
+            "retried": len(retries),
             "tokens": sum(toks), "tokens_per_s": round(sum(toks) / wall, 1),
             "ttft_p50_s": round(statistics.median(ttfts), 3) if ttfts else None}
 

@@ -1,4 +1,6 @@
-"""Put the benchmark tables and the generated config reference into README.md (between markers)."""
+"""Write the generated parts of docs/ (between markers): every benchmark's table and plot in
+docs/benchmarks.md (the edge one also in docs/edge.md), and the config references in
+docs/training.md and docs/serving.md."""
 
 from __future__ import annotations
 
@@ -17,31 +19,34 @@ def replace_block(text: str, marker: str, body: str) -> str:
     return pat.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
 
 
+def update(page: str, marker: str, body: str) -> None:
+    path = ROOT / "docs" / page
+    path.write_text(replace_block(path.read_text(), marker, body))
+
+
 def main() -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    for kind in ("train", "serve"):
+    for kind, page in (("train", "training.md"), ("serve", "serving.md")):
         ref = subprocess.run([sys.executable, "-m", "lorafleet.cli", "config-reference", kind], capture_output=True,
                              text=True, check=True, cwd=ROOT).stdout
-        text = replace_block(text, f"config-reference:{kind}", ref)
+        update(page, f"config-reference:{kind}", ref)
     parts = []
-    for name in ("train", "merge", "qlora_merge", "onnx", "lora_kernel", "serve", "reliability", "tools_json", "edge"):
+    for name in ("train", "merge", "qlora_merge", "onnx", "lora_kernel", "serve", "reliability", "tools_json", "edge",
+                 "edge_quality"):
         f = RESULTS / f"{name}.json"
         if not f.is_file():
             continue
         r = json.loads(f.read_text())
         m = r["machine"]
-        plot = f"\n\n![{name}](bench/results/{name}.png)" if (RESULTS / f"{name}.png").is_file() else ""
+        plot = f"\n\n![{name}](../bench/results/{name}.png)" if (RESULTS / f"{name}.png").is_file() else ""
         script = r.get("command") or f"python bench/{name}.py"
         parts.append(f"**{name}** ({m['cpu']}, {m['cores']} cores, {m['date']}; `{script}`)\n\n"
                      f"{r['markdown']}{plot}\n")
     if parts:
-        text = replace_block(text, "bench-results", "\n".join(parts))
-    edge = [p for p in parts if p.startswith("**edge**")]
+        update("benchmarks.md", "bench-results", "\n".join(parts))
+    edge = [p for p in parts if p.startswith(("**edge**", "**edge_quality**"))]
     if edge:  # also beside the edge server's section
-        text = replace_block(text, "bench-edge", edge[0])
-    readme.write_text(text)
-    print(f"README.md updated ({len(parts)} benchmark tables)")
+        update("edge.md", "bench-edge", "\n".join(edge))
+    print(f"docs/ updated ({len(parts)} benchmark tables)")
 
 
 if __name__ == "__main__":

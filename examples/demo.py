@@ -6,8 +6,10 @@
   4. the edge path: export the base with both adapters to ONNX, serve it (`lorafleet serve-edge`:
      onnxruntime, no Ray, no vLLM) and ask each adapter through the official openai client
   5. serve the base + both adapters (Ray Serve + vLLM) behind an OpenAI API
-  6. ask every question to the base and to each adapter through the official openai client
-  7. print the side-by-side table, stop everything; exit 1 if an adapter does not beat the base
+  6. ask every question to the base and to each adapter through the official openai client,
+     print the side-by-side table; exit 1 if an adapter does not beat the base
+  7. roll out a second version of `support` on the running server: a short continued training,
+     both versions evaluated, a canary, then a promotion (lorafleet fleet, the fleet file)
 
 Every step is a `lorafleet` command a user could type. A second run reuses what is cached.
 """
@@ -70,11 +72,23 @@ def train(name: str, cfg: str) -> Path:
     return out
 
 
+FLEET = WORK / "fleet.yaml"
+
+
 def start_server(port: int) -> subprocess.Popen:
     log = (WORK / "server.log").open("w")
+    FLEET.write_text("# support's versions: step 7 adds v2, a canary, then promotes it (lorafleet fleet ...)\n"
+                     "aliases:\n  support:\n    versions: {v1: fleet/support/v1}\n    traffic: {v1: 100}\n")
+    v1 = WORK / "fleet" / "support" / "v1"
+    if not (v1 / "lorafleet.json").is_file() or (v1 / "lorafleet.json").stat().st_mtime < \
+            (WORK / "adapters" / "support" / "lorafleet.json").stat().st_mtime:
+        import shutil
+
+        shutil.rmtree(WORK / "fleet", ignore_errors=True)
+        shutil.copytree(WORK / "adapters" / "support", v1)
     cmd = [str(BIN), "serve", "--model", "embedded:smollm2-135m-instruct", "--served-model-name", BASE_NAME,
            "--adapters", str(WORK / "adapters"), "--host", "127.0.0.1", "--port", str(port),
-           "--set", "engine.max_model_len=1024"]
+           "--set", "engine.max_model_len=1024", "--set", f"fleet_file={FLEET}", "--set", "fleet_poll_s=1"]
     console.print(f"[dim]$ {' '.join(cmd)}[/]  (log: {Path(log.name).relative_to(ROOT)})")
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env=dict(os.environ, RAY_worker_niceness="0"))
@@ -127,17 +141,72 @@ def edge(adapters: dict[str, Path]) -> None:
                          f"(log: {WORK / 'edge-server.log'})")
 
 
+def rollout(url: str) -> None:
+    """Train support v2 (continued from v1, a few steps), record both versions' evaluations, give
+    v2 a 25% canary with `lorafleet fleet canary`, then `promote` it; the running server follows
+    the file, and each answer's x-lorafleet-version header says which version gave it."""
+    import httpx
+
+    fleet = WORK / "fleet" / "support"
+    v2 = fleet / "v2"
+    if not (v2 / "lorafleet.json").is_file() or (v2 / "lorafleet.json").stat().st_mtime < \
+            (fleet / "v1" / "lorafleet.json").stat().st_mtime:
+        if v2.exists():
+            import shutil
+
+            shutil.rmtree(v2)
+        sh(str(BIN), "train", DOMAINS["support"][0], "--set", f"adapter_name_or_path={fleet / 'v1'}",
+           "--set", "training.max_steps=6", "--set", "training.generation_check=0", "--set", f"output_dir={v2}")
+    for v in ("v1", "v2"):
+        if "eval" not in json.loads((fleet / v / "lorafleet.json").read_text()):
+            sh(str(BIN), "eval", str(fleet / v), "--data", DOMAINS["support"][1], "--limit", "8",
+               "--max-new-tokens", "40", "--out", str(WORK / "eval" / f"support-{v}"))
+    FLEET.write_text("aliases:\n  support:\n    versions: {v1: fleet/support/v1, v2: fleet/support/v2}\n"
+                     "    traffic: {v1: 100}\n    require_eval: {metric: fact_match, min: 0.8}\n")
+    key = {"Authorization": f"Bearer {os.environ.get('LORAFLEET_API_KEY', 'none')}"}
+    question = questions(DOMAINS["support"][1])[0][0]
+
+    def wait_for(traffic: dict) -> None:
+        for _ in range(120):
+            cards = httpx.get(f"{url}/v1/models", headers=key, timeout=30).json()["data"]
+            if next(c for c in cards if c["id"] == "support").get("fleet", {}).get("traffic") == traffic:
+                return
+            time.sleep(0.5)
+        raise SystemExit(f"the server did not apply {FLEET} (log: {WORK / 'server.log'})")
+
+    def who_answers(title: str) -> None:
+        seen: dict[str, int] = {}
+        for i in range(16):
+            r = httpx.post(f"{url}/v1/chat/completions", headers=key, timeout=120, json={
+                "model": "support", "messages": question, "max_tokens": 24, "temperature": 0, "user": f"user-{i}"})
+            r.raise_for_status()
+            seen[r.headers["x-lorafleet-version"]] = seen.get(r.headers["x-lorafleet-version"], 0) + 1
+        console.print(f"{title}: 16 users ->", ", ".join(f"{v} {n}" for v, n in sorted(seen.items())))
+
+    wait_for({"v1": 100})
+    cmd = [str(BIN), "fleet", "canary", "support", "v2", "--weight", "25", "--file", str(FLEET)]
+    console.print(f"[dim]$ {' '.join(cmd)}[/]")
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:  # the gate's refusal, printed above: a real outcome
+        console.print("v2's recorded evaluation did not pass the gate: v1 keeps all the traffic")
+        return
+    wait_for({"v1": 75, "v2": 25})
+    who_answers("canary (75/25, sticky per `user`)")
+    sh(str(BIN), "fleet", "promote", "support", "v2", "--file", str(FLEET))
+    wait_for({"v2": 100})
+    who_answers("promoted")
+
+
 def main() -> int:
     from lorafleet.quality import fact_match
 
     WORK.mkdir(parents=True, exist_ok=True)
-    step("1/6 base model")
+    step("1/7 base model")
     sh(str(BIN), "prepare-base")
 
-    step("2/6 fine-tune two adapters (LoRA on CPU)")
+    step("2/7 fine-tune two adapters (LoRA on CPU)")
     adapters = {name: train(name, cfg) for name, (cfg, _) in DOMAINS.items()}
 
-    step("3/6 merge `support` into the base, export to ONNX, ask it")
+    step("3/7 merge `support` into the base, export to ONNX, ask it")
     merged, onnx_dir = WORK / "merged" / "support", WORK / "onnx" / "support"
     if not (merged / "merge_report.json").is_file() or \
             (merged / "merge_report.json").stat().st_mtime < (adapters["support"] / "lorafleet.json").stat().st_mtime:
@@ -150,10 +219,10 @@ def main() -> int:
     sh(str(BIN), "generate", "--onnx", str(onnx_dir), "--system", msgs[0]["content"], "--max-new-tokens", "40",
        msgs[-1]["content"])
 
-    step("4/6 the edge path: the base and both adapters in one ONNX export, served without Ray or vLLM")
+    step("4/7 the edge path: the base and both adapters in one ONNX export, served without Ray or vLLM")
     edge(adapters)
 
-    step("5/6 serve the base and both adapters (Ray Serve + vLLM, OpenAI API)")
+    step("5/7 serve the base and both adapters (Ray Serve + vLLM, OpenAI API)")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = start_server(port)
@@ -164,7 +233,7 @@ def main() -> int:
         client = OpenAI(base_url=f"{url}/v1", api_key=os.environ.get("LORAFLEET_API_KEY", "none"))
         console.print("models:", ", ".join(m.id for m in client.models.list().data))
 
-        step("6/6 the same questions to the base model and to each adapter")
+        step("6/7 the same questions to the base model and to each adapter")
 
         def ask(model: str, messages: list[dict]) -> str:
             r = client.chat.completions.create(model=model, messages=messages, max_tokens=48, temperature=0)
@@ -200,6 +269,9 @@ def main() -> int:
         (WORK / "results.json").write_text(json.dumps(
             [{"adapter": n, "questions": q, "base_correct": b, "adapter_correct": a} for n, q, b, a in summary],
             indent=2))
+
+        step("7/7 a new version of `support`: trained, evaluated, canary, promoted (the fleet file)")
+        rollout(url)
     finally:
         stop_server(proc)
     console.print(f"demo finished in {time.time() - T0:.0f}s")

@@ -102,13 +102,23 @@ def export_onnx(model: str = typer.Option(..., help="Merged model directory, or 
                     None, min=1, help="Largest rank a later adapter may have (vLLM's max_lora_rank; default: the "
                                       "adapters' largest, at least 16)."),
                 allow_pickle: bool = typer.Option(False, help="Accept pickle-only adapter_model.bin files."),
+                quant_option: Optional[list[str]] = typer.Option(
+                    None, help="int8/int4: a builder quantization option KEY=VALUE (repeatable): block_size=16|32|"
+                               "64|128|256, accuracy_level=1 (float activations; the CPU default 4 quantizes them "
+                               "to int8), algo_config=rtn|k_quant, matmul_mixed_precision=last_matmul:int8."),
                 overwrite: bool = typer.Option(False)):
     """Export to ONNX (decoder with KV cache) for onnxruntime on edge CPUs; verify parity."""
     from merge.onnx import export_onnx as run
 
+    opts = {}
+    for item in quant_option or []:
+        if "=" not in item:
+            raise UserError(f"--quant-option {item}: write KEY=VALUE, e.g. block_size=16")
+        k, v = item.split("=", 1)
+        opts[k] = v
     run(model, out, precision=precision, tolerance=tolerance, overwrite=overwrite, log=log,
         adapters=adapters or None, allow_pickle=allow_pickle, lora_target_modules=lora_target_modules or None,
-        max_lora_rank=max_lora_rank)
+        max_lora_rank=max_lora_rank, quant_options=opts)
 
 
 @app.command("onnx-adapter")

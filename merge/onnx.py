@@ -25,6 +25,8 @@ from lorafleet.errors import UserError
 # Max |Δlogits| vs PyTorch float32 that fails the export. Quantized exports differ by design:
 # their numbers are reported, and they fail only when the user sets a tolerance.
 DEFAULT_TOLERANCE = {"fp32": 1e-2, "int8": None, "int4": None}
+# onnxruntime-genai's builder options for weight-only (MatMulNBits) quantization that an export passes on.
+QUANT_OPTIONS = {"block_size", "accuracy_level", "algo_config", "matmul_mixed_precision", "is_symmetric"}
 # A quantized export whose greedy tokens agree with the float model's less often than this is
 # written with a loud warning (and the share recorded in onnx_report.json's "warnings").
 LOW_AGREEMENT = 0.9
@@ -33,17 +35,26 @@ LOW_AGREEMENT = 0.9
 def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: float | None = None,
                 overwrite: bool = False, gen_tokens: int = 16, log: Callable[[str], None] = print,
                 adapters: list[Path] | None = None, allow_pickle: bool = False,
-                lora_target_modules: list[str] | None = None, max_lora_rank: int | None = None) -> Path:
+                lora_target_modules: list[str] | None = None, max_lora_rank: int | None = None,
+                quant_options: dict[str, str] | None = None) -> Path:
     """Export `model` to `out`. With `adapters`, `lora_target_modules` or `max_lora_rank`, the
     base gets LoRA inputs on the adapters' modules plus every `lora_target_modules` module (by
     default merge.onnx_adapters.DEFAULT_TARGETS), at rank up to `max_lora_rank` (default: the
     adapters' largest, at least 16), and each adapter is converted into adapters/NAME/; later
     adapters are converted with `lorafleet onnx-adapter`. UserError (nothing written) on bad input
-    or a parity check above the tolerance."""
+    or a parity check above the tolerance. `quant_options`: the builder's weight-only quantization
+    options for int8/int4 (`block_size`, `accuracy_level`, `algo_config`, `matmul_mixed_precision`:
+    onnxruntime-genai's builder --extra_options, passed as they are)."""
     from merge import onnx_adapters
 
     if precision not in DEFAULT_TOLERANCE:
         raise UserError(f"--precision {precision}: use fp32, int8 or int4")
+    quant_options = dict(quant_options or {})
+    unknown = sorted(set(quant_options) - QUANT_OPTIONS)
+    if unknown or (quant_options and precision == "fp32"):
+        raise UserError(f"--quant-option {unknown[0] if unknown else next(iter(quant_options))}: "
+                        + (f"use one of {', '.join(sorted(QUANT_OPTIONS))}" if unknown else
+                           "quantization options apply to --precision int8 or int4"))
     if not Path(model).is_dir():  # an HF id or the embedded base, e.g. the base for --adapters
         from lorafleet.models import local_model_dir
 
@@ -67,7 +78,7 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if open_export:
             inputs = onnx_adapters.export_base_with_lora_inputs(model, tmp, dict(sorted(table.items())), rank, log,
-                                                                precision)
+                                                                precision, quant_options)
             for info in infos:
                 log(f"writing {onnx_adapters.ADAPTERS_DIR}/{info.name}/")
                 onnx_adapters.write_onnx_adapter(info, inputs, tmp / onnx_adapters.ADAPTERS_DIR)
@@ -75,6 +86,8 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
             log(f"exporting {model} to ONNX ({precision}, KV cache, CPU) with onnxruntime-genai's builder")
             cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(tmp),
                    "-p", precision, "-e", "cpu", "-c", str(tmp / ".cache")]
+            if quant_options:
+                cmd += ["--extra_options", *(f"{k}={v}" for k, v in quant_options.items())]
             res = subprocess.run(cmd, capture_output=True, text=True)
             shutil.rmtree(tmp / ".cache", ignore_errors=True)
             if res.returncode != 0:
@@ -85,7 +98,8 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
                 shutil.copy2(model / f, tmp / f)
         export_s = time.time() - t0
         log("checking: ONNX Runtime vs PyTorch float32 logits and greedy tokens on probe prompts")
-        report = {"source": str(model), "precision": precision, "export_seconds": round(export_s, 1),
+        report = {"source": str(model), "precision": precision, "quant_options": quant_options,
+                  "export_seconds": round(export_s, 1),
                   "files_mb": {str(f.relative_to(tmp)): round(f.stat().st_size / 2**20, 2)
                                for f in sorted(tmp.rglob("*")) if f.is_file()},
                   "tolerance": tol}
@@ -106,7 +120,10 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
                 log(f"WARNING: {name} at {precision} agrees with the float model on only "
                     f"{r['greedy_tokens_matched']}/{r['greedy_tokens_compared']} greedy tokens (max |Δlogits| "
                     f"{r['max_abs_logits_diff']:.3g}): its answers will differ. "
-                    + ("Try --precision int8, " if precision == "int4" else "")
+                    + ("" if quant_options.get("accuracy_level") == "1" else
+                       "Try --quant-option accuracy_level=1 (float activations; the CPU default quantizes them "
+                       "to int8), ")
+                    + ("--quant-option block_size=16, --precision int8, " if precision == "int4" else "")
                     + "export fp32, or evaluate it (lorafleet eval --url against lorafleet serve-edge) before "
                       "serving; --tolerance makes this an error")
         (tmp / "onnx_report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -27,6 +27,7 @@ only: the edge server runs it without torch.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -112,7 +113,8 @@ def write_template_adapter(table: dict[str, tuple[int, int]], rank: int, model: 
 
 
 def export_base_with_lora_inputs(model: Path, out: Path, table: dict[str, tuple[int, int]], rank: int,
-                                 log: Callable[[str], None], precision: str = "fp32") -> dict:
+                                 log: Callable[[str], None], precision: str = "fp32",
+                                 quant_options: dict[str, str] | None = None) -> dict:
     """Run the builder with the template adapter, then turn its LoRA weights into zero-default
     inputs and record them in `lora_inputs.json`; returns that record.
 
@@ -126,7 +128,7 @@ def export_base_with_lora_inputs(model: Path, out: Path, table: dict[str, tuple[
     names = _builder_with_template(model, out if precision == "fp32" else out / ".fp32", table, rank, "fp32", log)
     if precision != "fp32":
         shutil.rmtree(out / ".fp32", ignore_errors=True)
-        _builder_with_template(model, out, table, rank, precision, log, find=False)
+        _builder_with_template(model, out, table, rank, precision, log, find=False, quant_options=quant_options)
         float_lora_path(out, names, table, rank)
     inputs = {"source": str(model), "base_fingerprint": base_fingerprint(str(model))["fingerprint"],
               "max_rank": rank, "precision": precision,
@@ -136,13 +138,15 @@ def export_base_with_lora_inputs(model: Path, out: Path, table: dict[str, tuple[
 
 
 def _builder_with_template(model: Path, out: Path, table: dict[str, tuple[int, int]], rank: int, precision: str,
-                           log: Callable[[str], None], find: bool = True) -> dict:
+                           log: Callable[[str], None], find: bool = True,
+                           quant_options: dict[str, str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     template = out / ".lora-template"
     markers = write_template_adapter(table, rank, model, template)
     log(f"exporting {model} ({precision}) with LoRA inputs on {len(markers)} modules, rank up to {rank}")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out),
-           "-p", precision, "-e", "cpu", "-c", str(out / ".cache"), "--extra_options", f"adapter_path={template}"]
+           "-p", precision, "-e", "cpu", "-c", str(out / ".cache"), "--extra_options", f"adapter_path={template}",
+           *(f"{k}={v}" for k, v in (quant_options or {}).items())]
     res = subprocess.run(cmd, capture_output=True, text=True)
     shutil.rmtree(out / ".cache", ignore_errors=True)
     shutil.rmtree(template, ignore_errors=True)
@@ -152,7 +156,7 @@ def _builder_with_template(model: Path, out: Path, table: dict[str, tuple[int, i
 
 
 def float_lora_path(out: Path, names: dict[str, dict[str, str]], table: dict[str, tuple[int, int]], rank: int) -> None:
-    """Replace each quantized LoRA MatMul (MatMulNBits on `NAME_Q4`) of a quantized export by a
+    """Replace each quantized LoRA MatMul (MatMulNBits on `NAME_Q4` or `NAME_Q8`) of a quantized export by a
     float MatMul on a zero-default graph input `NAME` ([K, N] float32), the name the fp32 export
     gave it. UserError when a LoRA input has no such node (an unknown builder layout)."""
     import onnx
@@ -168,8 +172,9 @@ def float_lora_path(out: Path, names: dict[str, dict[str, str]], table: dict[str
     drop, done = set(), set()
     nodes = []
     for node in m.graph.node:
-        weight = node.input[1][: -len("_Q4")] if node.op_type == "MatMulNBits" and len(node.input) > 1 \
-            and node.input[1].endswith("_Q4") else None
+        # the builder names a quantized weight NAME_Q4 (int4) or NAME_Q8 (int8)
+        quantized = node.op_type == "MatMulNBits" and len(node.input) > 1 and re.search(r"_Q\d+$", node.input[1])
+        weight = node.input[1][: quantized.start()] if quantized else None
         if weight in shapes:
             nodes.append(helper.make_node("MatMul", [node.input[0], weight], list(node.output), name=node.name + "_float"))
             drop.update(node.input[1:])

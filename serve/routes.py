@@ -103,7 +103,7 @@ class Frontend:
     def unknown_model(self, model: str | None) -> OpenAIError:
         """404 for a `model` that is neither the base nor an adapter (vLLM's message), naming them."""
         aliases = [c["id"] for c in self.fleet.cards()] if self.fleet else []
-        names = [self.served_name, *aliases, *(a.name for a in self.registry.servable())]
+        names = [self.served_name, *aliases, *(a.name for a in self.registry.servable() if a.name not in aliases)]
         return OpenAIError(404, f"The model `{model}` does not exist. Models on this server: {', '.join(names)} "
                                 "(GET /v1/models).", param="model")
 
@@ -384,7 +384,10 @@ def model_cards(fe: Frontend) -> list[dict[str, Any]]:
             card = fe.model_card(id=alias["id"], root=alias["id"], parent=fe.served_name, owned_by="lorafleet")
             card["fleet"] = alias["fleet"]
             out.append(card)
+    aliases = {c["id"] for c in fe.fleet.cards()} if fe.fleet else set()
     for a in fe.registry.servable():
+        if a.name in aliases:
+            continue  # an alias takes the name of an adapter found in a source: `model` resolves to the alias
         card = fe.model_card(id=a.name, root=a.uri, parent=fe.served_name, owned_by="lorafleet", created=a.created)
         if "@" in a.name:  # a fleet version
             card["fleet"] = {"alias": a.name.split("@", 1)[0], "version": a.name.split("@", 1)[1]}

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -125,22 +126,32 @@ def fleet_dir(tiny_base, tmp_path_factory):
     return work, export
 
 
-@pytest.fixture()
-def served(fleet_dir, tmp_path):
-    """The edge server following `fleet.yaml` (v1 100%), polled every 0.2 s."""
-    work, export = fleet_dir
-    f = write_fleet(work / "fleet.yaml", {"v1": 100}, require_eval={"metric": "fact_match", "min": 0.5})
+def start_edge(export: Path, fleet_file: Path, work: Path):
+    """An edge server following `fleet_file`, polled every 0.2 s: (url, process)."""
     port = free_port()
-    log = tmp_path / "server.log"
+    log = work / f"server-{port}.log"
     env = dict(os.environ, LORAFLEET_API_KEY="sk-fleet", LORAFLEET_ADMIN_KEY="sk-admin",
-               LORAFLEET_CACHE=str(tmp_path / "cache"))
+               LORAFLEET_CACHE=str(work / "cache"))
     proc = subprocess.Popen([sys.executable, "-m", "serve.edge", "--set", f"model={export}", "--set", f"port={port}",
-                             "--set", "served_model_name=tiny", "--set", f"fleet_file={f}",
+                             "--set", "served_model_name=tiny", "--set", f"fleet_file={fleet_file}",
                              "--set", "fleet_poll_s=0.2"], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                             cwd=ROOT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(url, proc, log, timeout=120)
+    except BaseException:
+        stop_server(proc, grace_s=10)
+        raise
+    return url, proc
+
+
+@pytest.fixture()
+def served(fleet_dir, tmp_path):
+    """The edge server following `fleet.yaml` (v1 100%)."""
+    work, export = fleet_dir
+    f = write_fleet(work / "fleet.yaml", {"v1": 100}, require_eval={"metric": "fact_match", "min": 0.5})
+    url, proc = start_edge(export, f, tmp_path)
+    try:
         yield url, f
     finally:
         stop_server(proc, grace_s=10)
@@ -312,3 +323,25 @@ def test_a_version_below_the_gate_takes_no_traffic(served):
     r = httpx.post(url + "/v1/fleet/reload", headers=ADMIN)
     assert r.status_code == 422 and "0.800" in r.json()["error"]["message"] and "0.850" in r.json()["error"]["message"]
     assert ask(url, "legal", PROMPTS[0], user="bo")[0] == "legal@v1"
+
+
+def test_two_replicas_follow_one_file(fleet_dir, tmp_path):
+    """Two servers (replicas) reading one fleet file give every user the same version, and both
+    follow an edit to it."""
+    work, export = fleet_dir
+    f = write_fleet(work / "fleet.yaml", {"v1": 50, "v2": 50}, require_eval={"metric": "fact_match", "min": 0.5})
+    replicas = [start_edge(export, f, tmp_path) for _ in range(2)]
+    try:
+        users = [f"user-{i}" for i in range(40)]
+        first, second = ({u: ask(url, "legal", PROMPTS[0], user=u)[0] for u in users} for url, _ in replicas)
+        assert first == second and set(first.values()) == {"legal@v1", "legal@v2"}
+        promote(f, "legal", "v2")
+        for url, _ in replicas:
+            for _ in range(150):
+                if httpx.get(url + "/v1/fleet", headers=ADMIN).json()["aliases"]["legal"]["traffic"] == {"v2": 100}:
+                    break
+                time.sleep(0.1)
+            assert {ask(url, "legal", PROMPTS[0], user=u)[0] for u in users} == {"legal@v2"}
+    finally:
+        for _, proc in replicas:
+            stop_server(proc, grace_s=10)

@@ -135,26 +135,32 @@ def test_open_export_takes_an_adapter_trained_later(tiny_base, tiny_adapters, tm
         convert_adapter(tmp_path / "nowhere", tiny_adapters / "beta")
 
 
-def test_int4_export_keeps_the_lora_path_float(tiny_base, tiny_adapters, tmp_path):
-    """int4 weights with float LoRA inputs of the fp32 export's names: an adapter converted for the
-    fp32 export fits the int4 one, changes its answers, and the report gives its distance from peft."""
+@pytest.mark.parametrize("precision, options", [("int4", {}), ("int8", {}), ("int4", {"accuracy_level": "1"})])
+def test_quantized_export_keeps_the_lora_path_float(tiny_base, tiny_adapters, tmp_path, precision, options):
+    """int4/int8 weights with float LoRA inputs of the fp32 export's names: an adapter converted for
+    the fp32 export fits the quantized one, changes its answers, and the report gives its distance
+    from peft; the builder's quantization options reach it."""
     import onnx
 
     from lorafleet.edge_adapter import check_edge_adapter, read_edge_adapter, read_lora_inputs
 
     logs = []
-    q = export_onnx(tiny_base, tmp_path / "q4", precision="int4", adapters=[tiny_adapters / "alpha"],
-                    log=logs.append)
+    q = export_onnx(tiny_base, tmp_path / "q", precision=precision, adapters=[tiny_adapters / "alpha"],
+                    log=logs.append, quant_options=options)
     f = export_onnx(tiny_base, tmp_path / "f32", max_lora_rank=16, **quiet)
     inputs_q, inputs_f = read_lora_inputs(q), read_lora_inputs(f)
-    assert inputs_q["precision"] == "int4" and inputs_q["modules"] == inputs_f["modules"]
+    assert inputs_q["precision"] == precision and inputs_q["modules"] == inputs_f["modules"]
     graph = onnx.load(str(q / "model.onnx"), load_external_data=False).graph
     lora_matmuls = [n for n in graph.node if "lora" in n.name and n.op_type != "Add"]
     assert len(lora_matmuls) == 2 * len(inputs_q["modules"]) and {n.op_type for n in lora_matmuls} == {"MatMul"}
-    assert any(n.op_type == "MatMulNBits" for n in graph.node)  # the base weights are int4
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]  # the base weights are quantized
+    assert nbits and {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {int(precision[3:])}
+    if options:
+        assert {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"} == {1}
     check_edge_adapter(read_edge_adapter(q / "adapters" / "alpha"), inputs_f)  # the same file fits fp32
     rep = json.loads((q / "onnx_report.json").read_text())
     assert set(rep["adapters"]) == {"alpha"} and rep["adapters"]["alpha"]["greedy_tokens_compared"] > 0
+    assert rep["quant_options"] == options
     ids = [5, 17, 33, 2, 41, 9]
     assert abs(OnnxGenerator(q).last_logits(ids) - OnnxGenerator(q, adapter="alpha").last_logits(ids)).max() > 1e-2
     if rep.get("warnings"):  # a random tiny model at int4 usually misses it: said loudly

@@ -1,7 +1,10 @@
-"""The README's runnable snippets (marked `<!-- runnable -->`) run as written, on the tiny model.
+"""The README and docs/: runnable snippets (marked `<!-- runnable -->`) run as written, on the tiny
+model; links resolve; generated tables are the schemas'.
 
 Shell lines run with these substitutions: outputs go to a temp dir instead of `runs/`, the
-embedded base becomes the tiny base, and `lorafleet train` gets the tiny base model and 2 steps. The Python client snippet runs in
+embedded base becomes the tiny base, and `lorafleet train` gets the tiny base model and 2 steps.
+The README's blocks run in one directory, the docs' in another, page after page (each page's
+blocks build on the pages before, as a reader follows them). The Python client snippet runs in
 tests/test_serve_stack.py against the real server.
 """
 
@@ -13,11 +16,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def runnable_blocks(lang: str) -> list[str]:
-    text = (ROOT / "README.md").read_text()
+DOCS = ["docs/training.md", "docs/evaluation.md", "docs/serving.md", "docs/rollout.md", "docs/edge.md",
+        "docs/deploy.md", "docs/scaling.md", "docs/serving-engine.md", "docs/benchmarks.md", "docs/troubleshooting.md"]
+
+
+def runnable_blocks(lang: str, files: tuple[str, ...] = ("README.md",)) -> list[str]:
+    text = "\n".join((ROOT / f).read_text() for f in files)
     return re.findall(rf"<!-- runnable -->\n```{lang}\n(.*?)```", text, re.S)
 
 
@@ -26,8 +35,35 @@ def test_readme_has_runnable_snippets():
     assert "make demo" in (ROOT / "README.md").read_text() and "make test" in (ROOT / "README.md").read_text()
 
 
-def test_readme_shell_snippets_run(tiny_base, tmp_path):
-    for block in runnable_blocks("bash"):
+def test_readme_is_a_front_door_and_every_link_resolves():
+    """The README stays short (the reference is in docs/), and every relative link in it and in
+    docs/ points at a file that exists, and at a heading that exists when it names one."""
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+    assert sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")) == sorted(DOCS)
+    broken = []
+    for f in ["README.md", *DOCS]:
+        page = ROOT / f
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"^[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{f}: {target}")
+            elif anchor and dest.suffix == ".md" and anchor not in headings(dest):
+                broken.append(f"{f}: {target} (no such heading)")
+    assert not broken, broken
+
+
+def headings(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as '-'."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+
+
+@pytest.mark.parametrize("files", [("README.md",), tuple(DOCS)], ids=["README", "docs"])
+def test_readme_shell_snippets_run(tiny_base, tmp_path, files):
+    for block in runnable_blocks("bash", files):
         for line in block.strip().splitlines():
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
@@ -46,10 +82,11 @@ def test_readme_shell_snippets_run(tiny_base, tmp_path):
 
 
 def test_readme_config_reference_is_the_schemas():
-    """The README's config tables are `lorafleet config-reference` output, regenerated with the schema."""
+    """The config tables (docs/training.md, docs/serving.md) are `lorafleet config-reference` output,
+    regenerated with the schema (bench/report.py)."""
     from lorafleet.config import ServeConfig, TrainConfig, config_reference
 
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "training.md").read_text() + (ROOT / "docs" / "serving.md").read_text()
     for kind, schema in (("train", TrainConfig), ("serve", ServeConfig)):
         block = re.search(rf"<!-- config-reference:{kind} -->\n(.*?)<!-- /config-reference:{kind} -->", text, re.S)
         assert block, kind

@@ -40,8 +40,12 @@ def served(request, tiny_base, tiny_adapters, tmp_path_factory, root):
         "lora": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0},
         "training": {"max_steps": 3, "logging_steps": 1, "save_steps": 100, "max_seq_length": 128},
         "output_dir": str(src / "trained")}), log=lambda m: None)
+    fleet = work / "fleet.yaml"  # an alias over two versions, split 50/50 (serve/fleet.py)
+    fleet.write_text("aliases:\n  team:\n    versions: {a: adapters/alpha, b: adapters/beta}\n"
+                     "    traffic: {a: 50, b: 50}\n")
     with lorafleet_serve(["--model", str(tiny_base), "--served-model-name", "tiny", "--adapters", str(src),
-                          "--set", f"topology={request.param}"], work, root) as (url, proc, log):
+                          "--set", f"topology={request.param}", "--set", f"fleet_file={fleet}"],
+                         work, root) as (url, proc, log):
         yield type("Served", (), dict(url=url, src=src, work=work, proc=proc, log=log, topology=request.param,
                                       client=openai.OpenAI(base_url=f"{url}/v1", api_key="sk-test", max_retries=0)))
 
@@ -134,6 +138,31 @@ def test_errors_from_the_real_stack(served):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=4, **kwargs)
         assert param in e.value.body["message"] + str(e.value.body["param"]), e.value.body
+
+
+def test_fleet_alias_splits_by_user_on_the_engine(served):
+    """`model: team` goes to the version the fleet file gives each user (the same answer as that
+    version pinned, its name in x-lorafleet-version), in either topology."""
+    import httpx
+
+    from lorafleet.fleet import read_fleet
+
+    alias = read_fleet(served.work / "fleet.yaml").aliases["team"]
+    key = {"Authorization": "Bearer sk-test"}
+
+    def ask(model, user=None):
+        body = {"model": model, "prompt": "hello there", "max_tokens": 6, "temperature": 0}
+        r = httpx.post(served.url + "/v1/completions", json={**body, **({"user": user} if user else {})},
+                       headers=key, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.headers["x-lorafleet-version"], r.json()["choices"][0]["text"]
+
+    pinned = {v: ask(f"team@{v}")[1] for v in ("a", "b")}
+    assert pinned["a"] != pinned["b"]
+    got = {u: ask("team", u) for u in (f"u{i}" for i in range(12))}
+    assert {v for v, _ in got.values()} == {"team@a", "team@b"}
+    for user, (version, text) in got.items():
+        assert version == f"team@{alias.pick('user:' + user)}" and text == pinned[version.split("@")[1]]
 
 
 def test_logit_bias_bans_a_token(served, tiny_tok):
