@@ -26,6 +26,19 @@ def _have_image() -> str | None:
     return None
 
 
+def wait_healthy(url: str, name: str, env: dict, t0: float, timeout: float) -> None:
+    """Until the container `name` answers GET /health with 200; fails with its log after `timeout` s."""
+    while time.time() - t0 < timeout:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True, env=env)
+    pytest.fail(f"container not healthy after {timeout:.0f} s:\n{(logs.stdout + logs.stderr)[-3000:]}")
+
+
 def test_serve_cpu_container_answers_with_an_adapter(tiny_base, tiny_adapters, tmp_path, root):
     why = _have_image()
     if why:
@@ -47,20 +60,12 @@ def test_serve_cpu_container_answers_with_an_adapter(tiny_base, tiny_adapters, t
     subprocess.run(cmd, check=True, env=env, capture_output=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        while time.time() - t0 < 420:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        else:
-            logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True, env=env)
-            pytest.fail(f"container not healthy after 420 s:\n{(logs.stdout + logs.stderr)[-3000:]}")
+        wait_healthy(url, name, env, t0, 420)
         ready_s = time.time() - t0
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-img", max_retries=0)
         assert {m.id for m in client.models.list().data} == {"tiny", "alpha", "beta"}
-        r = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+        r = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                           extra_body={"ignore_eos": True})
         assert r.choices[0].message.content and r.usage.completion_tokens > 0
         print(f"container healthy in {ready_s:.0f}s")
     finally:
@@ -100,19 +105,11 @@ def test_serve_edge_container_answers_read_only_as_uid_1000(tiny_base, tiny_adap
     subprocess.run(cmd, check=True, env=env, capture_output=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        while time.time() - t0 < 120:
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True, env=env)
-            pytest.fail(f"container not healthy after 120 s:\n{(logs.stdout + logs.stderr)[-3000:]}")
+        wait_healthy(url, name, env, t0, 120)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-img", max_retries=0)
         assert {m.id for m in client.models.list().data} == {"tiny", "alpha"}
-        r = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=8)
+        r = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                           extra_body={"ignore_eos": True})
         assert r.choices[0].message.content and r.usage.completion_tokens == 8
         user = subprocess.run(["podman", "exec", name, "id", "-u"], capture_output=True, text=True, env=env)
         assert user.stdout.strip() == "1000"
