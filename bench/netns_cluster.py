@@ -102,6 +102,11 @@ class NetnsCluster:
         return [f"address={self.address}", "topology=split", f"resources.num_cpus={self.cpus}",
                 f'resources.ingress_resources={{"{self.head.resource}": 0.001}}']
 
+    def fleet_sets(self, fleet_file: str | Path) -> list[str]:
+        """The `--set` values that make every replica follow one fleet file (lorafleet/fleet.py),
+        which every host reads (they share this machine's files, as Ray pods share a ConfigMap)."""
+        return [f"fleet_file={fleet_file}", "fleet_poll_s=1"]
+
     def serve_args(self) -> list[str]:
         return [w for s in self.placement_sets() for w in ("--set", s)]
 

@@ -297,6 +297,7 @@ def rayservice_errors(rs: dict[str, Any], docs: list[dict[str, Any]]) -> list[st
 #   RAY_AUTH_MODE/RAY_AUTH_TOKEN         authOptions.mode token (KubeRay gives every Ray container both)
 #   the rest of the node env   in every Ray container's env, same values
 #   serve topology, adapter_routing, resources.resources, resources.ingress_resources: equal
+#   serve fleet_file           set on both (a file every host reads / a ConfigMap every Ray pod mounts)
 #   serve address              unset (KubeRay deploys the app onto its own cluster; the test names its head)
 #   adapter sources, model     the same kinds of source; local ones on one volume every Ray pod
 #                              mounts at that path (the test's hosts read one shared directory)
@@ -354,7 +355,8 @@ def tested_cluster() -> TestedCluster:
     harness = _load_harness()
     c = harness.NetnsCluster(Path("/nonexistent"))  # the tests' cluster; nothing is made until __enter__
     adapters = ["one shared directory"]  # every host reads one directory (they share this machine's files)
-    serve = load_config(ServeConfig, None, c.placement_sets(), base={"adapters": adapters, "model": "/shared/model"})
+    serve = load_config(ServeConfig, None, [*c.placement_sets(), *c.fleet_sets("/shared/fleet.yaml")],
+                        base={"adapters": adapters, "model": "/shared/model"})
     flags = {h.name: start_flags(c.start_argv(h)[2:]) for h in c.hosts}
     return TestedCluster(head=flags[c.head.name], workers={h.name: flags[h.name] for h in c.hosts[1:]},
                          env={**harness.NODE_ENV, "RAY_AUTH_TOKEN": "(the cluster's token)"}, serve=serve,
@@ -589,6 +591,10 @@ def tested_cluster_errors(docs: list[dict[str, Any]], tested: TestedCluster | No
                                s.resources.ingress_resources)):
         if mine != theirs:
             errs.append(f"serveConfigV2 {key} {_j(mine)}, {TESTED} serves with {_j(theirs)}")
+    if bool(cfg.fleet_file) != bool(s.fleet_file):
+        errs.append(f"serveConfigV2 fleet_file {cfg.fleet_file or 'unset'}: {TESTED} serves "
+                    + ("with a fleet file every replica follows (k8s/base/fleet.yaml)" if s.fleet_file else
+                       "without a fleet file"))
     if cfg.address not in (None, ""):
         errs.append(f"serveConfigV2 address {cfg.address}: KubeRay deploys the app onto the RayService's own "
                     f"cluster (what --set address=HEAD:{KUBERAY_DEFAULT_FLAGS['port']} is in {TESTED}); leave it unset")

@@ -56,13 +56,17 @@ def cluster(tiny_base, tmp_path_factory):
     adapters = work / "adapters"  # one directory every host reads (the hosts share this filesystem)
     for i, name in enumerate(("alpha", "beta", "gamma")):
         make_random_adapter(tiny_base, adapters / name, seed=i + 1)
+    fleet = work / "fleet.yaml"  # an alias over two versions, split 50/50
+    fleet.write_text("aliases:\n  team:\n    versions: {a: adapters/alpha, b: adapters/beta}\n"
+                     "    traffic: {a: 50, b: 50}\n")
     with NetnsCluster(work, workers=2) as c:
+        c.fleet_file = fleet
         env = c.env(LORAFLEET_API_KEY="sk-user", LORAFLEET_ADMIN_KEY="sk-admin", PYTHONPATH=str(ROOT),
                     LORAFLEET_CACHE=str(work / "cache"))
         argv = [sys.executable, "-m", "serve", "--model", str(tiny_base), "--served-model-name", "tiny",
                 "--adapters", str(adapters), "--host", c.head.ip, "--port", str(PORT),
-                *c.serve_args(), "--set", "autoscaling.min_replicas=2", "--set", "autoscaling.max_replicas=2",
-                *ENGINE_FLAGS]
+                *c.serve_args(), *(w for s in c.fleet_sets(fleet) for w in ("--set", s)),
+                "--set", "autoscaling.min_replicas=2", "--set", "autoscaling.max_replicas=2", *ENGINE_FLAGS]
         proc = c.head.popen(argv, env, work / "serve.log")
         url = f"http://{c.head.ip}:{PORT}"
         try:
@@ -91,12 +95,41 @@ def test_a_client_without_the_cluster_token_is_refused(cluster):
 def test_serves_across_hosts_ingress_on_the_head_engines_on_the_workers(cluster):
     c, url, _ = cluster
     client = openai.OpenAI(base_url=url + "/v1", api_key="sk-user", max_retries=0)
-    assert {m.id for m in client.models.list().data} == {"tiny", "alpha", "beta", "gamma"}
+    assert {m.id for m in client.models.list().data} == {"tiny", "alpha", "beta", "gamma", "team", "team@a", "team@b"}
     for model in ("tiny", "alpha", "beta", "gamma", "alpha"):
         assert _ask(client, model) == "ok", model
     assert _replicas_on(c.head) == ["ray::ServeReplica:lorafleet:Ingress"]
     for worker in c.hosts[1:]:
         assert _replicas_on(worker) == ["ray::ServeReplica:lorafleet:LLMServer"], worker.name
+
+
+def test_engines_on_two_hosts_answer_the_fleet_files_split(cluster):
+    """`model: team` goes to the version the fleet file gives each user, whichever worker's engine
+    answers; a promotion edited into the file reaches the server and moves every user."""
+    from lorafleet.fleet import promote, read_fleet
+
+    c, url, _ = cluster
+    user_key, admin = {"Authorization": "Bearer sk-user"}, {"Authorization": "Bearer sk-admin"}
+
+    def ask(model, user=None):
+        body = {"model": model, "prompt": "hello there", "max_tokens": 6, "temperature": 0,
+                **({"user": user} if user else {})}
+        r = httpx.post(url + "/v1/completions", json=body, headers=user_key, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.headers["x-lorafleet-version"], r.json()["choices"][0]["text"]
+
+    alias = read_fleet(c.fleet_file).aliases["team"]
+    pinned = {v: ask(f"team@{v}")[1] for v in ("a", "b")}
+    users = [f"u{i}" for i in range(16)]
+    with cf.ThreadPoolExecutor(8) as pool:  # concurrent: both engine replicas take requests
+        got = dict(zip(users, pool.map(lambda u: ask("team", u), users)))
+    assert {v for v, _ in got.values()} == {"team@a", "team@b"}
+    for user, (version, text) in got.items():
+        assert version == f"team@{alias.pick('user:' + user)}" and text == pinned[version.split("@")[1]]
+    promote(c.fleet_file, "team", "b")
+    wait_for(lambda: httpx.get(url + "/v1/fleet", headers=admin, timeout=10).json()["aliases"]["team"]["traffic"]
+             == {"b": 100}, 60, "the promotion applied")
+    assert {ask("team", u)[0] for u in users} == {"team@b"}
 
 
 def _stream(client: openai.OpenAI, model: str) -> str:

@@ -378,6 +378,7 @@ def test_the_pods_ray_start_has_the_tested_flags(rendered, overlay):
 
 # (what to break, words the report must have); {group} is the worker group's name
 MUTATIONS = {
+    "fleet file dropped": (lambda rs: _set_args(rs, lambda a: a.pop("fleet_file")), "serveConfigV2 fleet_file unset"),
     "worker resource removed": (lambda rs: _worker(rs)["rayStartParams"].pop("resources"),
                                 'custom resources {}, expected {"host-{group}": 1}'),
     "head resource removed": (lambda rs: _head(rs)["rayStartParams"].pop("resources"),

@@ -99,14 +99,15 @@ class OnnxEngine:
 
     `submit(job)` starts a request (call from the event loop), `cancel(job)` stops it (a client
     that hung up), `load_adapter(key, path)` / `unload_adapter(key)` manage the converted
-    adapters. `max_batch` caps the rows decoded together; more requests wait their turn.
+    adapters. `max_batch` caps the rows decoded together; more requests wait their turn. `graph`:
+    the export's RowsGraph when it is already loaded.
     `submit` raises RuntimeError once the loop thread died."""
 
-    def __init__(self, onnx_dir: Path, max_batch: int = 16):
+    def __init__(self, onnx_dir: Path, max_batch: int = 16, graph: RowsGraph | None = None):
         import json
 
         self.dir = Path(onnx_dir)
-        self.graph = RowsGraph(self.dir)
+        self.graph = graph or RowsGraph(self.dir)
         genai = json.loads((self.dir / "genai_config.json").read_text())["model"]
         self.context_length = int(genai["context_length"])
         self.vocab_size = int(genai["vocab_size"])

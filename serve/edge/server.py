@@ -202,6 +202,25 @@ class EdgeBackend:
 # ------------------------------------------------------------------------------ the app
 def build_edge_app(cfg: ServeConfig, onnx_dir: Path):
     """The front's app over the ONNX export at `onnx_dir` (cfg.model); UserError when it is not one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve.edge.graph import RowsGraph
+
+    onnx_dir = Path(onnx_dir)
+    if not (onnx_dir / "genai_config.json").is_file():
+        raise UserError(f"{onnx_dir} is not an ONNX export (no genai_config.json); make one with "
+                        "`lorafleet export-onnx --model MODEL --out DIR`")
+    # onnxruntime builds its session (graph optimisation, weight prepacking) without the GIL: it
+    # runs while the tokenizer's imports and the registry's scan go on here.
+    with ThreadPoolExecutor(1, thread_name_prefix="onnx-load") as pool:
+        graph = pool.submit(RowsGraph, onnx_dir)
+        try:
+            return _build_edge_app(cfg, onnx_dir, graph)
+        finally:
+            graph.cancel()
+
+
+def _build_edge_app(cfg: ServeConfig, onnx_dir: Path, graph):
     # The fast tokenizer class itself: AutoTokenizer imports transformers' model configs, which
     # import torch where it is installed.
     from transformers import PreTrainedTokenizerFast
@@ -214,10 +233,6 @@ def build_edge_app(cfg: ServeConfig, onnx_dir: Path):
     from serve.registry import log_adapters
     from serve.routes import Frontend, build_app
 
-    onnx_dir = Path(onnx_dir)
-    if not (onnx_dir / "genai_config.json").is_file():
-        raise UserError(f"{onnx_dir} is not an ONNX export (no genai_config.json); make one with "
-                        "`lorafleet export-onnx --model MODEL --out DIR`")
     try:
         inputs, why = read_lora_inputs(onnx_dir), ""
     except UserError as e:
@@ -238,7 +253,7 @@ def build_edge_app(cfg: ServeConfig, onnx_dir: Path):
     tok = PreTrainedTokenizerFast.from_pretrained(onnx_dir)
     template_file = onnx_dir / "chat_template.jinja"
     base_template = template_file.read_text() if template_file.is_file() else tok.chat_template
-    engine = OnnxEngine(onnx_dir, max_batch=cfg.engine.max_num_seqs)
+    engine = OnnxEngine(onnx_dir, max_batch=cfg.engine.max_num_seqs, graph=graph.result())
     backend = EdgeBackend(engine, tok, base_template, max_resident=cfg.max_resident_adapters)
     fe = Frontend(served_name=served, registry=registry, backend=backend, max_model_len=engine.context_length,
                   limits=cfg.limits, api_keys=read_keys("LORAFLEET_API_KEY", cfg.api_keys_file),
