@@ -66,7 +66,7 @@ def main() -> None:
             wait_until_serving(url, proc, log, timeout=120)
             for name in adapters:
                 row = {"export": label, "adapter": name,
-                       "max |Δlogits|": float(f"{parity['adapters'][name]['max_abs_logits_diff']:.3g}"),
+                       "max abs Δlogits": float(f"{parity['adapters'][name]['max_abs_logits_diff']:.3g}"),
                        "greedy agreement": f"{parity['adapters'][name]['greedy_tokens_matched']}/"
                                            f"{parity['adapters'][name]['greedy_tokens_compared']}"}
                 for kind, data in (("own", f"examples/data/{name}.jsonl"),
@@ -79,7 +79,7 @@ def main() -> None:
                 rows.append(row)
         finally:
             stop_server(proc, grace_s=10)
-    cols = ["export", "adapter", "max |Δlogits|", "greedy agreement", "own fact match", "paraphrased fact match",
+    cols = ["export", "adapter", "max abs Δlogits", "greedy agreement", "own fact match", "paraphrased fact match",
             "own ROUGE-L", "paraphrased ROUGE-L"]
     md = table(rows, cols, "edge exports: what each adapter still knows (lorafleet eval --url, serve-edge)")
     labels = [f"{r['export']}\n{r['adapter']}" for r in rows]

@@ -120,10 +120,9 @@ def export_onnx(model: Path, out: Path, precision: str = "fp32", tolerance: floa
                 log(f"WARNING: {name} at {precision} agrees with the float model on only "
                     f"{r['greedy_tokens_matched']}/{r['greedy_tokens_compared']} greedy tokens (max |Δlogits| "
                     f"{r['max_abs_logits_diff']:.3g}): its answers will differ. "
-                    + ("" if quant_options.get("accuracy_level") == "1" else
-                       "Try --quant-option accuracy_level=1 (float activations; the CPU default quantizes them "
-                       "to int8), ")
-                    + ("--quant-option block_size=16, --precision int8, " if precision == "int4" else "")
+                    + ("Try --quant-option block_size=16 (smaller blocks than the default 32) with "
+                       "--quant-option accuracy_level=1 (float activations), or --precision int8; "
+                       if precision == "int4" else "Try ")
                     + "export fp32, or evaluate it (lorafleet eval --url against lorafleet serve-edge) before "
                       "serving; --tolerance makes this an error")
         (tmp / "onnx_report.json").write_text(json.dumps(report, indent=2) + "\n")
