@@ -58,8 +58,8 @@ class Alias:
     def pick(self, caller: str) -> str:
         """The version a caller gets: its bucket (sha256 of alias and caller, mod 100) falls in one
         version's share of [0, 100), shares laid out in file order. The same caller always gets the
-        same version while the weights stay; moving weight from one version to another moves only
-        callers in the moved share."""
+        same version while the weights stay; with two versions in traffic, moving weight from one
+        to the other moves only callers in the moved share."""
         bucket = int.from_bytes(hashlib.sha256(f"{self.name}\0{caller}".encode()).digest()[:8], "big") % BUCKETS
         edge = 0
         for version, weight in self.traffic.items():
@@ -202,13 +202,23 @@ def _line(node) -> int:
 
 
 # ------------------------------------------------------------------------------ editing
+class _KeysAsWritten(yaml.SafeLoader):
+    """YAML's safe loader with mapping keys kept as written: version `1.10` stays "1.10" (not the
+    float 1.1), as read_fleet reads them."""
+
+    def construct_mapping(self, node, deep=False):
+        return {(k.value if isinstance(k, yaml.ScalarNode) else self.construct_object(k, deep)):
+                self.construct_object(v, deep) for k, v in node.value}
+
+
+
 def edit_traffic(path: str | Path, alias: str, traffic: dict[str, int], history: list[str]) -> None:
     """Rewrite `alias`'s traffic and history in the file at `path` in one rename (the other keys as
     they were; YAML comments are not kept). The result is checked with `read_fleet` first."""
     from lorafleet.atomic import atomic_write_text
 
     path = Path(path)
-    doc = yaml.safe_load(path.read_text()) or {}
+    doc = yaml.load(path.read_text(), Loader=_KeysAsWritten) or {}
     entry = doc["aliases"][alias]
     entry["traffic"] = dict(traffic)
     entry["history"] = list(history)
@@ -266,6 +276,9 @@ def check_candidate(alias: Alias, version: str, require_default: Any = None) -> 
         raise FleetError(f"{name} was evaluated on {new_ev.get('data')}, {alias.name}@{current} on "
                          f"{cur_ev.get('data')}: evaluate both on the same held-out file; not promoted")
     got, have = new_ev["adapter_scores"].get(metric), cur_ev["adapter_scores"].get(metric)
+    if have is not None and got is None:
+        raise FleetError(f"{name}'s recorded evaluation has no {metric} score and {alias.name}@{current}'s has "
+                         f"{have:.3f}: evaluate {name} on {cur_ev.get('data')}; not promoted")
     if got is not None and have is not None and got < have:
         raise FleetError(f"{name} scores {metric} {got:.3f} on {new_ev.get('items')} items of {new_ev.get('data')}, "
                          f"below {alias.name}@{current}'s {have:.3f} on the same set; not promoted")
@@ -284,8 +297,9 @@ def promote(path: str | Path, alias_name: str, version: str, require_default: An
 
 def canary(path: str | Path, alias_name: str, version: str, weight: int, require_default: Any = None) -> str:
     """Give `version` `weight` percent of the alias, the rest to its current version."""
-    if not 0 < weight < 100:
-        raise FleetError(f"--weight {weight}: a canary takes between 1 and 99 percent")
+    if not 0 < weight < 50:
+        raise FleetError(f"--weight {weight}: a canary takes between 1 and 49 percent (the current version keeps "
+                         "the most traffic); promote to give it all")
     alias = _alias_of(path, alias_name, require_default)
     check_candidate(alias, version, require_default)
     current = alias.current

@@ -36,7 +36,8 @@ class AdapterRef:
     `uri` is its source; a replica fetches a remote one (s3://, hf://) itself, and reads a local
     one (a shared volume) at `path`. `template` is the Jinja chat template recorded in its
     manifest (None: the base's). `fleet_version`: the fleet file's version name when `name` is
-    ALIAS@VERSION (serve/fleet.py), else None.
+    ALIAS@VERSION (serve/fleet.py), else None; `served_as` then the alias the client named, which
+    the engine's serving classes see as the model (answers name the model as the client did).
     """
     name: str
     path: str
@@ -44,6 +45,7 @@ class AdapterRef:
     template: str | None = None
     uri: str = ""
     fleet_version: str | None = None
+    served_as: str | None = None  # the `model` the client sent (an alias), when it is not `name`
 
     @property
     def label(self) -> str:

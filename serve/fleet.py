@@ -68,6 +68,7 @@ class FleetRouter:
         self.error: str | None = None
         self.applied_at: float | None = None
         self._apply_lock = threading.Lock()
+        self._names: set[str] = set()  # the versions this router listed in the registry
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------ requests
@@ -114,14 +115,13 @@ class FleetRouter:
             fleet = read_fleet(self.path, self.require_eval)
             if self.fleet is not None and fleet.digest == self.fleet.digest:
                 return False
-            names = set()
+            prepared = {}
             for alias in fleet.aliases.values():
                 for version, source in alias.versions.items():
                     name = f"{alias.name}@{version}"
-                    names.add(name)
                     where = f"{self.path}:{alias.lines.get('versions.' + version, '?')}"
                     try:
-                        adapter = self.registry.add_version(name, source)
+                        adapter = self.registry.prepare_version(name, source)
                     except OpenAIError as e:
                         raise FleetError(f"{where}: version {name} cannot be served: {e.message}") from None
                     if version in alias.traffic:
@@ -129,10 +129,11 @@ class FleetRouter:
                         if why:
                             raise FleetError(f"{self.path}:{alias.lines['traffic']}: {why}; it may not take traffic "
                                              f"(alias {alias.name} require_eval)")
-            old = {f"{a.name}@{v}" for a in (self.fleet.aliases.values() if self.fleet else []) for v in a.versions}
+                    prepared[name] = adapter
+            # Every check passed: the versions are listed and the routes switch together.
+            self.registry.commit_versions(prepared, self._names - set(prepared))
+            self._names = set(prepared)
             self.fleet = fleet  # the switch: one assignment
-            for name in old - names:
-                self.registry.remove_version(name)
             self.applied_at, self.error = time.time(), None
             log.info("fleet file %s applied: %s", self.path, "; ".join(
                 f"{a.name} -> " + ", ".join(f"{v} {w}%" for v, w in a.traffic.items()) for a in fleet.aliases.values())

@@ -182,7 +182,7 @@ class OpenAIReplica:
             lora, loaded, evicted = await adapters.acquire(req.adapter)
         try:
             template = req.adapter.template if req.adapter is not None else None
-            scope = RequestScope(req.adapter.name if req.adapter else None, lora,
+            scope = RequestScope((req.adapter.served_as or req.adapter.name) if req.adapter else None, lora,
                                  self._end_of_turn(template) if req.path in TEMPLATED_ROUTES else [])
             yield self._app(template), scope, loaded, evicted
         finally:

@@ -50,6 +50,9 @@ class Adapter:
     # replica on its next request, not only to the one that took the admin call.
     version: str = ""
     eval: dict | None = None  # the manifest's recorded evaluation (lorafleet eval), shown by /v1/models
+    # A fleet file's version (ALIAS@VERSION): its alias's require_eval judges it when it takes
+    # traffic (serve/fleet.py), not the registry-wide gate, so a version can be staged unevaluated.
+    fleet: bool = False
 
     @property
     def template(self) -> str | None:
@@ -191,6 +194,8 @@ class AdapterRegistry:
             self.eval_refused.discard(name)
             self.rejected.pop(name, None)
         for name, a in found.items():
+            if a.fleet:
+                continue  # judged by its alias's require_eval (serve/fleet.py)
             if is_remote(a.uri) and a.local_path is None:
                 continue  # judged in `prepare`, once its files are here
             man = _read_manifest(a.local_path or Path(a.uri))
@@ -200,6 +205,8 @@ class AdapterRegistry:
     def _require_eval(self, a: Adapter, manifest: dict | None) -> None:
         """The promotion gate for a request: 422 (adapter_refused) naming the numbers."""
         a.eval = recorded_eval(manifest)
+        if a.fleet:
+            return  # its alias's gate, when the fleet file gives it traffic
         self._apply_eval_gate(a.name, manifest)
         if a.name in self.eval_refused:
             raise adapter_refused(self.rejected[a.name])
@@ -272,27 +279,28 @@ class AdapterRegistry:
             self.engine_refused.discard(name)
         return a
 
-    def add_version(self, name: str, uri: str) -> Adapter:
+    def prepare_version(self, name: str, uri: str) -> Adapter:
         """A fleet file's version (`ALIAS@VERSION`, lorafleet/fleet.py) from its source, through the
-        gate; kept across scans like an admin-loaded adapter. The operator's file names the source,
-        so it need not be under a configured root. OpenAIError (422) when the gate refuses it."""
+        compatibility gate, not yet listed (commit_versions lists a whole file's at once). The
+        operator's file names the source, so it need not be under a configured root. OpenAIError
+        (422) when the gate refuses it."""
         with self._lock:
             old = self.adapters.get(name)
-        if old is not None and old.uri == (uri if is_remote(uri) else str(Path(uri).resolve())) and old.info:
+        local = uri if is_remote(uri) else str(Path(uri).resolve())
+        if old is not None and old.fleet and old.uri == local and old.info is not None:
             return self.prepare(old)
-        a = Adapter(name, uri, registered=True)
-        self.prepare(a)
-        with self._lock:
-            self.adapters[name] = a
-            self.unloaded.discard(name)
-            self.engine_refused.discard(name)
-        return a
+        return self.prepare(Adapter(name, local, registered=True, fleet=True))
 
-    def remove_version(self, name: str) -> None:
-        """A version the fleet file no longer declares: no new request gets it."""
+    def commit_versions(self, versions: dict[str, Adapter], gone: set[str]) -> None:
+        """List a fleet file's versions and drop those it no longer declares, in one step."""
         with self._lock:
-            self.adapters.pop(name, None)
-            self.rejected.pop(name, None)
+            for name in gone:
+                self.adapters.pop(name, None)
+                self.rejected.pop(name, None)
+            for name, a in versions.items():
+                self.adapters[name] = a
+                self.unloaded.discard(name)
+                self.engine_refused.discard(name)
 
     def refused_by_engine(self, name: str, why: str) -> None:
         with self._lock:

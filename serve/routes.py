@@ -122,7 +122,7 @@ class Frontend:
             raise adapter_refused(self.registry.rejected.get(name, f"the engine refused adapter {name}"))
         await asyncio.to_thread(self.registry.prepare, a)
         return AdapterRef(a.name, str(a.local_path), a.version, a.template, a.uri,
-                          route.version if route else None)
+                          route.version if route else None, model if route else None)
 
 
 # --------------------------------------------------------------------------- the OpenAI routes
@@ -209,6 +209,8 @@ class OpenAIRoute:
                 raise OpenAIError(429, f"too many concurrent requests for this key (limit "
                                        f"{fe.limits.max_concurrent_per_key}); retry shortly", headers={"Retry-After": "1"})
         except OpenAIError as e:
+            if e.status == 404:
+                model = "unknown"  # a made-up name (ALIAS@anything too) would grow the labels without end
             m.requests.labels(path, model, str(e.status), "").inc()
             return await e.response()(scope, receive, send)
         req = ReplicaRequest(scope["method"], path, body, adapter,

@@ -232,7 +232,9 @@ def test_refusals_name_the_field(server):
     cases = [({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
              ({"response_format": {"type": "json_object"}}, "response_format"), ({"n": 2}, "n"),
              ({"logprobs": True}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
-             ({"max_tokens": 100000}, "max_tokens"), ({"temperature": "hot"}, "temperature")]
+             ({"max_tokens": 100000}, "max_tokens"), ({"temperature": "hot"}, "temperature"),
+             ({"seed": -1, "temperature": 1}, "seed"), ({"extra_body": {"top_k": 2.5}}, "top_k"),
+             ({"top_p": 0}, "top_p")]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model="beta", messages=msgs, **extra)
@@ -243,8 +245,9 @@ def test_refusals_name_the_field(server):
         client(url, "sk-wrong").chat.completions.create(model="tiny", messages=msgs)
     r = httpx.post(url + "/v1/responses", json={"model": "tiny", "input": "hi"}, headers={"Authorization": "Bearer sk-edge"})
     assert r.status_code == 404 and "/v1/chat/completions" in r.json()["error"]["message"]
-    ok = c.chat.completions.create(model="beta", messages=msgs, max_tokens=2, n=1, logprobs=False)  # "off" values
-    assert ok.choices[0].finish_reason == "length"
+    ok = c.chat.completions.create(model="beta", messages=msgs, max_tokens=2, n=1, logprobs=False,  # "off" values
+                                   extra_body={"top_k": -1, "ignore_eos": True})  # vLLM's top_k off
+    assert ok.choices[0].finish_reason == "length"  # and the engine lives on after the refusals
     ids = {m.id: m for m in c.models.list().data}
     assert set(ids) == {"tiny", "alpha", "beta"} and ids["alpha"].parent == "tiny"
     metrics = httpx.get(url + "/metrics").text

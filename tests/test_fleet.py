@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -323,6 +324,17 @@ def test_a_version_below_the_gate_takes_no_traffic(served):
     r = httpx.post(url + "/v1/fleet/reload", headers=ADMIN)
     assert r.status_code == 422 and "0.800" in r.json()["error"]["message"] and "0.850" in r.json()["error"]["message"]
     assert ask(url, "legal", PROMPTS[0], user="bo")[0] == "legal@v1"
+    # A refused file lists none of its new versions; a version without traffic needs no evaluation.
+    v3 = f.parent / "legal" / "v3"
+    shutil.copytree(f.parent / "legal" / "v2", v3, dirs_exist_ok=True)
+    (v3 / "lorafleet.json").unlink()
+    f.write_text(f.read_text().replace("v2: legal/v2", "v2: legal/v2\n      v3: legal/v3").replace("v2: 50", "v3: 50"))
+    assert httpx.post(url + "/v1/fleet/reload", headers=ADMIN).status_code == 422
+    assert "legal@v3" not in {c["id"] for c in httpx.get(url + "/v1/models", headers=KEY).json()["data"]}
+    write_fleet(f, {"v1": 100}, require_eval={"metric": "fact_match", "min": 0.5})
+    f.write_text(f.read_text().replace("v2: legal/v2", "v2: legal/v2\n      v3: legal/v3"))
+    assert httpx.post(url + "/v1/fleet/reload", headers=ADMIN).status_code == 200, f.read_text()
+    assert ask(url, "legal@v3", PROMPTS[0])[0] == "legal@v3"
 
 
 def test_two_replicas_follow_one_file(fleet_dir, tmp_path):

@@ -119,6 +119,7 @@ class OnnxEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: list[Job] = []
         self._rows: list[Row] = []
+        self._current: Job | None = None  # the request being prefilled
         self._cache = self.graph.empty_cache(0)
         self._lora: dict[str, np.ndarray] | None = None  # the batch's stacked LoRA inputs, until rows change
         self.error: BaseException | None = None
@@ -173,14 +174,18 @@ class OnnxEngine:
                 self._take(block=not (self._rows or self._waiting))
                 self._drop_cancelled()
                 while self._waiting and len(self._rows) < self.max_batch:
-                    self._prefill(self._waiting.pop(0))
+                    self._current = self._waiting.pop(0)
+                    self._prefill(self._current)
+                    self._current = None
                 if self._rows:
                     self._decode()
         except BaseException as e:  # noqa: BLE001 - every waiting request must hear of it
             self.error = e
             log.exception("the ONNX engine loop failed")
-            for job in [*(r.job for r in self._rows), *self._waiting]:
-                job.put(e)
+            self._take(block=False)  # requests submitted meanwhile
+            for job in [*(r.job for r in self._rows), *self._waiting, *([self._current] if self._current else [])]:
+                if job is not None and not job.released:
+                    job.put(e)
 
     def _take(self, block: bool) -> None:
         try:
@@ -213,11 +218,12 @@ class OnnxEngine:
         try:
             step = self.graph.run(np.asarray([job.ids], np.int64), np.zeros(1, np.int64), self.graph.empty_cache(),
                                   self._lora_for([job.adapter]))
+            rng = np.random.default_rng(job.sampling.seed)
         except Exception as e:  # this request's failure (onnxruntime refused it), not the engine's
             self._release(job)
             job.put(e)
             return
-        row = Row(job, len(job.ids), 0, np.random.default_rng(job.sampling.seed))
+        row = Row(job, len(job.ids), 0, rng)
         if self._advance(row, step.logits[0, -1]):
             self._join(row, step.cache)
 
@@ -238,12 +244,18 @@ class OnnxEngine:
             self._leave(done)
 
     def _advance(self, row: Row, logits: np.ndarray) -> bool:
-        """Sample the row's next token and hand it over; False when the request is finished."""
+        """Sample the row's next token and hand it over; False when the request is finished (or
+        failed: a sampling error is that request's alone, it goes back to it)."""
         job = row.job
         if job.generated < job.sampling.min_tokens and job.stop_ids:  # vLLM's min_tokens: stops masked
             logits = logits.copy()
             logits[list(job.stop_ids)] = -np.inf
-        token = sample(logits, job.sampling, row.rng)
+        try:
+            token = sample(logits, job.sampling, row.rng)
+        except Exception as e:  # e.g. non-finite probabilities: not the engine's fault
+            job.put(e)
+            self._release(job)
+            return False
         if token in job.stop_ids:
             reason = "stop"
         else:

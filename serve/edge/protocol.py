@@ -82,10 +82,12 @@ def parse(route: str, body: dict[str, Any]) -> Ask:
                                "send this request to the vLLM server", param=key)
     stop = body.get("stop") or []
     opts = body.get("stream_options") or {}
-    ask = Ask(route=route, model=body.get("model") or "", max_tokens=body.get("max_completion_tokens") or
-              body.get("max_tokens"), temperature=float(body.get("temperature", 1.0) if body.get("temperature")
-                                                         is not None else 1.0),
-              top_p=float(body.get("top_p") or 1.0), top_k=body.get("top_k") or None, seed=body.get("seed"),
+    max_tokens = body.get("max_completion_tokens")
+    ask = Ask(route=route, model=body.get("model") or "",
+              max_tokens=max_tokens if max_tokens is not None else body.get("max_tokens"),
+              temperature=float(body["temperature"]) if body.get("temperature") is not None else 1.0,
+              top_p=float(body["top_p"]) if body.get("top_p") is not None else 1.0,
+              top_k=_top_k(body), seed=_seed(body),
               stop=[stop] if isinstance(stop, str) else list(stop), stream=bool(body.get("stream")),
               include_usage=bool(opts.get("include_usage")), min_tokens=_count(body, "min_tokens"),
               ignore_eos=_flag(body, "ignore_eos"))
@@ -94,6 +96,24 @@ def parse(route: str, body: dict[str, Any]) -> Ask:
     else:
         ask.prompt = _prompt(body.get("prompt"))
     return ask
+
+
+def _seed(body: dict[str, Any]) -> int | None:
+    """`seed`: a whole number >= 0 (numpy's generators take no negative seed), or absent."""
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise OpenAIError(400, "seed: a whole number >= 0", param="seed")
+    return seed
+
+
+def _top_k(body: dict[str, Any]) -> int | None:
+    """vLLM's `top_k`: a whole number; 0 or -1 (vLLM's "off") or absent: no top-k cut."""
+    k = body.get("top_k")
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or k < -1:
+        raise OpenAIError(400, "top_k: a whole number >= 1, or -1 or 0 for none", param="top_k")
+    return k if k > 0 else None
 
 
 def _count(body: dict[str, Any], key: str) -> int:

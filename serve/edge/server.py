@@ -70,9 +70,23 @@ class EdgeBackend:
         self.engine.submit(job)
         finished = False
         try:
-            yield Start(200, SSE if ask.stream else JSON, loaded=loaded)
-            async for piece in (self._stream(ask, job) if ask.stream else self._whole(ask, job)):
-                yield piece
+            # Nothing is answered before the engine has: a request it fails gets an error status,
+            # never a 200 with an empty or cut body (a stream after its first token can only end
+            # with an error event).
+            if ask.stream:
+                first = await job.tokens.get()
+                if isinstance(first, BaseException):
+                    raise _failed(first)
+                yield Start(200, SSE, loaded=loaded)
+                async for piece in self._stream(ask, job, first):
+                    yield piece
+            else:
+                try:
+                    whole = await self._whole(ask, job)
+                except Exception as e:
+                    raise _failed(e) from None
+                yield Start(200, JSON, loaded=loaded)
+                yield whole
             finished = True
             yield End(len(ids), job.generated)
         finally:
@@ -83,7 +97,7 @@ class EdgeBackend:
         return False  # one engine in this process: nowhere else to send a request
 
     async def unload(self, name: str) -> None:
-        for key in [k for k in self.lru if k.split("@", 1)[0] == name]:
+        for key in [k for k in self.lru if k.rsplit("@", 1)[0] == name]:  # keys are NAME@CONTENT_HASH
             if self.engine.unload_adapter(key):
                 self.lru.pop(key, None)
 
@@ -102,6 +116,8 @@ class EdgeBackend:
                 self._end_of_turn[template] = frozenset(self.eos | set(end_of_turn_ids(self.tok, template)))
             return render_prompt_ids(self.tok, template, ask.messages), self._end_of_turn[template]
         ids = ask.prompt if isinstance(ask.prompt, list) else self.tok(ask.prompt)["input_ids"]
+        if not ids:
+            raise OpenAIError(400, "prompt: empty (no tokens); send some text or token ids", param="prompt")
         if any(not 0 <= t < self.engine.vocab_size for t in ids):
             raise OpenAIError(400, f"prompt: token ids must be in [0, {self.engine.vocab_size})", param="prompt")
         return list(ids), frozenset(self.eos)
@@ -146,13 +162,14 @@ class EdgeBackend:
                 self.lru.pop(old)
         return key, True
 
-    async def _tokens(self, ask: Ask, job: Job) -> AsyncIterator[tuple[str, str | None]]:
-        """(new text, None) as tokens arrive, then ("", finish reason), cut at the request's stops."""
+    async def _tokens(self, ask: Ask, job: Job, first: Any = None) -> AsyncIterator[tuple[str, str | None]]:
+        """(new text, None) as tokens arrive (`first`: one already taken from the queue), then
+        ("", finish reason), cut at the request's stops."""
         ids: list[int] = []
         sent = 0
         hold = max((len(s) for s in ask.stop), default=1) - 1
         while True:
-            item = await job.tokens.get()
+            item, first = (first, None) if first is not None else (await job.tokens.get(), None)
             if isinstance(item, BaseException):
                 raise item
             done = isinstance(item, str)
@@ -174,14 +191,14 @@ class EdgeBackend:
                 yield text[sent:upto], None
                 sent = upto
 
-    async def _whole(self, ask: Ask, job: Job) -> AsyncIterator[bytes]:
+    async def _whole(self, ask: Ask, job: Job) -> bytes:
         parts, finish = [], "stop"
         async for text, end in self._tokens(ask, job):
             parts.append(text)
             finish = end or finish
-        yield json.dumps(answer(ask, new_id(ask.route), "".join(parts), finish, len(job.ids), job.generated)).encode()
+        return json.dumps(answer(ask, new_id(ask.route), "".join(parts), finish, len(job.ids), job.generated)).encode()
 
-    async def _stream(self, ask: Ask, job: Job) -> AsyncIterator[bytes]:
+    async def _stream(self, ask: Ask, job: Job, first: Any) -> AsyncIterator[bytes]:
         rid, created = new_id(ask.route), int(time.time())
 
         def sse(obj: dict) -> bytes:
@@ -189,7 +206,7 @@ class EdgeBackend:
 
         if ask.route == CHAT:
             yield sse(chunk(ask, rid, created, role=True))
-        async for text, end in self._tokens(ask, job):
+        async for text, end in self._tokens(ask, job, first):
             if text:
                 yield sse(chunk(ask, rid, created, text=text))
             if end:
@@ -197,6 +214,16 @@ class EdgeBackend:
         if ask.include_usage:
             yield sse(chunk(ask, rid, created, usage_of=(len(job.ids), job.generated)))
         yield b"data: [DONE]\n\n"
+
+
+def _failed(e: BaseException) -> OpenAIError:
+    """The error answer for a request the engine failed before answering: 503 when the engine
+    itself stopped (the server's /health says so too), else 500 naming what failed."""
+    if isinstance(e, OpenAIError):
+        return e
+    if isinstance(e, RuntimeError) and "stopped" in str(e):
+        return OpenAIError(503, str(e)[:300], headers={"Retry-After": "5"})
+    return OpenAIError(500, f"generation failed: {type(e).__name__}: {str(e)[:200]}")
 
 
 # ------------------------------------------------------------------------------ the app
@@ -269,7 +296,7 @@ def serve_edge(cfg: ServeConfig, log_fn=print) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = build_edge_app(cfg, Path(cfg.model))
-    log_fn(f"edge server for {cfg.model} on http://{cfg.host}:{cfg.port}/v1 (onnxruntime-genai)")
+    log_fn(f"edge server for {cfg.model} on http://{cfg.host}:{cfg.port}/v1 (onnxruntime)")
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                             timeout_graceful_shutdown=int(cfg.shutdown_grace_s))
     server = uvicorn.Server(config)
