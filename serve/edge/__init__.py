@@ -1,5 +1,5 @@
 """The ONNX engine's room: lorafleet's front (serve/routes.py, auth, limits, the registry and its
-gate, metrics, templates, the error shape) over onnxruntime-genai, for edge boxes.
+gate, metrics, templates, the error shape) over onnxruntime, for edge boxes.
 
 - graph.py: the exported decoder with one adapter per batch row, on onnxruntime;
 - engine.py: the loop thread that batches requests continuously over it (adapters, sampling, cancellation);
