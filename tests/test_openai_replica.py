@@ -171,7 +171,7 @@ def test_a_client_that_hangs_up_is_aborted_in_the_engine(server):
 
     def generated():
         text = httpx.get(f"{server.url}/metrics").text
-        return float(re.search(r'lorafleet_completion_tokens_total\{model="tiny"\} (\S+)', text).group(1)) \
+        return float(re.search(r'lorafleet_completion_tokens_total\{model="tiny",version=""\} (\S+)', text).group(1)) \
             if 'lorafleet_completion_tokens_total{model="tiny",version=""}' in text else 0.0
 
     body = {"model": "tiny", "prompt": "The Kestrel K9", "max_tokens": 240, "temperature": 0, "ignore_eos": True,

@@ -104,15 +104,19 @@ def test_engine_core_keeps_vllms_serving_threads(served):
 def test_models_chat_completions_stream(served):
     c = served.client
     ids = {m.id: m.model_extra.get("parent") for m in c.models.list().data}
-    assert ids == {"tiny": None, "alpha": "tiny", "beta": "tiny", "trained": "tiny"}
+    assert ids == {"tiny": None, "alpha": "tiny", "beta": "tiny", "trained": "tiny",
+                   "team": "tiny", "team@a": "tiny", "team@b": "tiny"}  # the fleet file's alias and versions
     answers = {}
     for model in ids:
         r = c.chat.completions.create(model=model, messages=MSGS, max_tokens=12, temperature=0)
         assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens > 0
+        assert r.model == model  # an alias is answered under the name the client sent
         answers[model] = r.choices[0].message.content
         r = c.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8, temperature=0)
         assert r.usage.prompt_tokens > 0 and r.choices[0].text
     assert len(set(answers.values())) == 4, answers  # each adapter changes the answer
+    assert answers["team@a"] == answers["alpha"] and answers["team@b"] == answers["beta"]
+    assert answers["team"] in (answers["alpha"], answers["beta"])
     chunks = list(c.chat.completions.create(model="beta", messages=MSGS, max_tokens=12, temperature=0, stream=True,
                                             stream_options={"include_usage": True}))
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == answers["beta"]
