@@ -156,7 +156,8 @@ def rollout(url: str) -> None:
 
             shutil.rmtree(v2)
         sh(str(BIN), "train", DOMAINS["support"][0], "--set", f"adapter_name_or_path={fleet / 'v1'}",
-           "--set", "training.max_steps=6", "--set", "training.generation_check=0", "--set", f"output_dir={v2}")
+           "--set", "training.max_steps=6", "--set", "training.learning_rate=1e-4", "--set", "training.generation_check=0",
+           "--set", f"output_dir={v2}")
     for v in ("v1", "v2"):
         if "eval" not in json.loads((fleet / v / "lorafleet.json").read_text()):
             sh(str(BIN), "eval", str(fleet / v), "--data", DOMAINS["support"][1], "--limit", "8",
