@@ -30,7 +30,7 @@ def main() -> None:
                              text=True, check=True, cwd=ROOT).stdout
         update(page, f"config-reference:{kind}", ref)
     parts = []
-    for name in ("train", "merge", "qlora_merge", "onnx", "lora_kernel", "serve", "reliability", "tools_json", "edge",
+    for name in ("train", "merge", "qlora_merge", "onnx", "lora_kernel", "serve", "reliability", "tools_json", "edge", "fleet_apply",
                  "edge_quality"):
         f = RESULTS / f"{name}.json"
         if not f.is_file():
