@@ -223,12 +223,20 @@ def reduce_stream(text: str) -> dict:
     return {"choices": choices, "usage": usage and {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens")}}
 
 
+MASKED = -9999.0  # vLLM's logprob for a token a structured-output grammar masked (-inf)
+
+
 def rounded(x):
-    """The answer without logprob `bytes` (floats are compared by `close`)."""
+    """The answer without logprob `bytes` (floats are compared by `close`). A masked alternative
+    in top_logprobs is any of the tokens tied at -inf: which one is listed is not defined (a wide
+    run saw `<unk>` alone and `<|im_start|>` together), so only that it was masked is compared."""
     if isinstance(x, list):
         return [rounded(v) for v in x]
     if isinstance(x, dict):
-        return {k: rounded(v) for k, v in x.items() if k != "bytes"}
+        out = {k: rounded(v) for k, v in x.items() if k != "bytes"}
+        if "token" in out and out.get("logprob") == MASKED:
+            out["token"] = "(masked)"
+        return out
     return x
 
 
