@@ -52,13 +52,18 @@ def demo_adapters() -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------- artefacts
-def onnx_export(precision: str, adapters: dict[str, Path]) -> Path:
-    out = WORK / f"onnx-{precision}"
+def onnx_export(precision: str, adapters: dict[str, Path], options: dict[str, str] | None = None,
+                out: Path | None = None) -> Path:
+    """The base exported with `adapters` at `precision` (builder `options`: --quant-option), into
+    `out` (default runs/bench-edge/onnx-PRECISION); reused while newer than every adapter."""
+    out = out or WORK / f"onnx-{precision}"
     newest = max((p / "lorafleet.json").stat().st_mtime for p in adapters.values())
     if not (out / "onnx_report.json").is_file() or (out / "onnx_report.json").stat().st_mtime < newest:
         subprocess.run([sys.executable, "-m", "lorafleet.cli", "export-onnx", "--model", BASE, "--out", str(out),
                         "--precision", precision, "--overwrite",
-                        *(a for p in adapters.values() for a in ("--adapters", str(p)))], check=True, cwd=ROOT)
+                        *(a for p in adapters.values() for a in ("--adapters", str(p))),
+                        *(a for k, v in (options or {}).items() for a in ("--quant-option", f"{k}={v}"))],
+                       check=True, cwd=ROOT)
     return out
 
 

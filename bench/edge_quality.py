@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import ROOT, bars, save, table  # noqa: E402
-from bench.edge import BASE, WORK, demo_adapters  # noqa: E402
+from bench.edge import WORK, demo_adapters, onnx_export  # noqa: E402
 from lorafleet.net import free_port, stop_server, wait_until_serving  # noqa: E402
 
 VARIANTS = {  # label -> (precision, builder quantization options)
@@ -35,16 +35,9 @@ VARIANTS = {  # label -> (precision, builder quantization options)
 
 def export(label: str, adapters: dict[str, Path]) -> Path:
     precision, opts = VARIANTS[label]
-    out = WORK / ("onnx-" + label.replace(", ", "-").replace(" ", "_"))
-    if label in ("fp32", "int4"):
-        out = WORK / f"onnx-{precision}"  # shared with bench/edge.py
-    newest = max((p / "lorafleet.json").stat().st_mtime for p in adapters.values())
-    if not (out / "onnx_report.json").is_file() or (out / "onnx_report.json").stat().st_mtime < newest:
-        subprocess.run([sys.executable, "-m", "lorafleet.cli", "export-onnx", "--model", BASE, "--out", str(out),
-                        "--precision", precision, "--overwrite",
-                        *(a for p in adapters.values() for a in ("--adapters", str(p))),
-                        *(a for k, v in opts.items() for a in ("--quant-option", f"{k}={v}"))], check=True, cwd=ROOT)
-    return out
+    plain = label in ("fp32", "int8", "int4")  # the same files as bench/edge.py's
+    return onnx_export(precision, adapters, opts, None if plain else
+                       WORK / ("onnx-" + label.replace(", ", "-").replace(" ", "_")))
 
 
 def main() -> None:

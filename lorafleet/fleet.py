@@ -68,6 +68,10 @@ class Alias:
                 return version
         raise AssertionError("traffic sums to 100")
 
+    def adapter_name(self, version: str) -> str:
+        """The name a version is served and pinned under: ALIAS@VERSION."""
+        return f"{self.name}@{version}"
+
     @property
     def current(self) -> str:
         """The version with the most traffic (the first such, in file order)."""
@@ -81,8 +85,6 @@ class Fleet:
     aliases: dict[str, Alias]
     digest: str  # sha256 of the file's bytes: what a replica compares to see a change
 
-    def version_name(self, alias: str, version: str) -> str:
-        return f"{alias}@{version}"
 
 
 def read_fleet(path: str | Path, require_eval_default: Any = None, check_sources: bool = True) -> Fleet:
@@ -257,7 +259,7 @@ def check_candidate(alias: Alias, version: str, require_default: Any = None) -> 
     if version not in alias.versions:
         raise FleetError(f"alias {alias.name} has no version {version} (versions: {', '.join(alias.versions)}); "
                          "add it under versions first")
-    name, require = f"{alias.name}@{version}", alias.require_eval or require_default
+    name, require = alias.adapter_name(version), alias.require_eval or require_default
     new = _manifest(alias.versions[version])
     why = eval_refusal(name, new, require)
     if why:

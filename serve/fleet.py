@@ -69,7 +69,6 @@ class FleetRouter:
         self.applied_at: float | None = None
         self._apply_lock = threading.Lock()
         self._names: set[str] = set()  # the versions this router listed in the registry
-        self._stop = threading.Event()
 
     # ------------------------------------------------------------------ requests
     def route(self, model: str, body: dict[str, Any] | None) -> Route | None:
@@ -90,14 +89,14 @@ class FleetRouter:
         if alias is None:
             return None
         version = alias.pick(caller_key(body))
-        return Route(f"{model}@{version}", model, version)
+        return Route(alias.adapter_name(version), model, version)
 
     def cards(self) -> list[dict[str, Any]]:
         """What /v1/models says of each alias: its versions, traffic and current version."""
         fleet = self.fleet
         if fleet is None:
             return []
-        return [{"id": a.name, "fleet": {"versions": {v: f"{a.name}@{v}" for v in a.versions}, "traffic": a.traffic,
+        return [{"id": a.name, "fleet": {"versions": {v: a.adapter_name(v) for v in a.versions}, "traffic": a.traffic,
                                          "current": a.current}} for a in fleet.aliases.values()]
 
     def state(self) -> dict[str, Any]:
@@ -118,7 +117,7 @@ class FleetRouter:
             prepared = {}
             for alias in fleet.aliases.values():
                 for version, source in alias.versions.items():
-                    name = f"{alias.name}@{version}"
+                    name = alias.adapter_name(version)
                     where = f"{self.path}:{alias.lines.get('versions.' + version, '?')}"
                     try:
                         adapter = self.registry.prepare_version(name, source)
@@ -155,13 +154,12 @@ class FleetRouter:
     def start(self) -> None:
         """Follow the file from a daemon thread (every `poll_s` seconds)."""
         def run():
-            while not self._stop.wait(self.poll_s):
+            while True:
+                time.sleep(self.poll_s)
                 self.poll()
 
         threading.Thread(target=run, name="fleet-file", daemon=True).start()
 
-    def stop(self) -> None:
-        self._stop.set()
 
 
 def start_router(path: str | None, registry: Any, require_eval: Any, poll_s: float) -> FleetRouter | None:

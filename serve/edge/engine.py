@@ -126,10 +126,6 @@ class OnnxEngine:
         self._thread = threading.Thread(target=self._run, name="onnx-engine", daemon=True)
         self._thread.start()
 
-    @property
-    def loaded(self) -> set[str]:
-        return set(self.weights)
-
     # ---------------------------------------------------------------- the front's side
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
